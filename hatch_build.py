@@ -20,8 +20,15 @@ def generate(root: Path) -> list[Path]:
     protos = root / "protos"
     files = sorted(str(p.relative_to(protos)) for p in (protos / "edgephi" / "v1").glob("*.proto"))
     include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={root}", f"--pyi_out={root}",
-            f"--grpc_python_out={root}", *files]
+    args = [
+        "protoc",
+        f"-I{protos}",
+        f"-I{include}",
+        f"--python_out={root}",
+        f"--pyi_out={root}",
+        f"--grpc_python_out={root}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
     return sorted((root / "edgephi" / "v1").glob("*_pb2*.py*"))

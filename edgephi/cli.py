@@ -1,0 +1,200 @@
+"""``edgephi`` command line: the daemon (``serve``), clients (``generate``, ``chat``, ``health``, ``info``,
+``count-tokens``) and the dev model (``devmodel``).
+
+Exit codes: 0 ok; 1 runtime failure (engine died, RPC failed); 2 usage error; 78 configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from edgephi.config import EXIT_CONFIG, ConfigError, load_settings
+
+
+def _add_conn(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default=os.environ.get("EDGEPHI_CLIENT_HOST", "127.0.0.1"))
+    p.add_argument("--port", type=int, default=int(os.environ.get("EDGEPHI_CLIENT_PORT", "50051")))
+    p.add_argument("--token-file", type=Path, help="file holding the bearer token")
+    p.add_argument("--ca", help="CA certificate (PEM): use TLS")
+    p.add_argument("--cert", help="client certificate (PEM) for mTLS")
+    p.add_argument("--key", help="client private key (PEM) for mTLS")
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+
+
+def _add_sampling(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int)
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop", action="append", default=[])
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="edgephi", description=__doc__.split("\n")[0] if __doc__ else None)
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("serve", help="run the gRPC daemon (settings: EDGEPHI_* variables / --env-file)")
+    s.add_argument("--env-file", type=Path, default=os.environ.get("EDGEPHI_ENV_FILE"))
+
+    g = sub.add_parser("generate", help="stream a completion of PROMPT")
+    g.add_argument("prompt")
+    _add_conn(g)
+    _add_sampling(g)
+
+    c = sub.add_parser("chat", help="interactive chat (or one turn with --message)")
+    c.add_argument("--system", help="system message")
+    c.add_argument("--message", "-m", action="append", help="user message; no prompt loop when given")
+    _add_conn(c)
+    _add_sampling(c)
+
+    h = sub.add_parser("health", help="print the daemon's health (exit 0 only when SERVING)")
+    h.add_argument("--service", default="")
+    _add_conn(h)
+
+    i = sub.add_parser("info", help="print GetModelInfo")
+    _add_conn(i)
+
+    t = sub.add_parser("count-tokens", help="count the tokens of TEXT")
+    t.add_argument("text")
+    _add_conn(t)
+
+    d = sub.add_parser("devmodel", help="build the tiny Phi-4 stand-in (and its 4-bit artifact); print path")
+    d.add_argument("--cache-dir", type=Path, default=None)
+    d.add_argument("--bf16", action="store_true", help="print the bf16 checkpoint instead of the 4-bit one")
+    d.add_argument("--iters", type=int, default=32, help="auto-round iterations for the 4-bit artifact")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=os.environ.get("EDGEPHI_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "devmodel":
+            return _devmodel(args)
+        return _client_command(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+def _serve(args: argparse.Namespace) -> int:
+    try:
+        settings = load_settings(args.env_file)
+    except ConfigError as exc:
+        print(f"edgephi: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    logging.getLogger().setLevel(settings.log_level)
+    from edgephi.server import serve
+
+    return asyncio.run(serve(settings))
+
+
+def _devmodel(args: argparse.Namespace) -> int:
+    from edgephi import devmodel, quantize
+
+    bf16 = devmodel.build(args.cache_dir)
+    if args.bf16:
+        print(bf16)
+        return 0
+    out = bf16.parent / f"{bf16.name}-w4a16-g128-it{args.iters}"
+    if not out.is_dir():
+        quantize.quantize(bf16, out, iters=args.iters, nsamples=32, seqlen=256, batch_size=4)
+    print(out)
+    return 0
+
+
+def _client_command(args: argparse.Namespace) -> int:
+    import grpc
+
+    from edgephi.client import Client, Connection, sampling
+
+    token = args.token_file.read_text().strip() if getattr(args, "token_file", None) else None
+    conn = Connection(args.host, args.port, token, args.ca, args.cert, args.key)
+    try:
+        with Client(conn) as client:
+            if args.command == "health":
+                status = client.health(args.service)
+                print(status)
+                return 0 if status == "SERVING" else 1
+            if args.command == "info":
+                print(client.model_info(), end="")
+                return 0
+            if args.command == "count-tokens":
+                print(client.count_tokens(args.text))
+                return 0
+            opts = sampling(
+                max_tokens=args.max_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                seed=args.seed,
+                stop=args.stop,
+            )
+            if args.command == "generate":
+                _print_stream(client.generate(args.prompt, opts, args.timeout))
+                return 0
+            return _chat(client, args, opts)
+    except grpc.RpcError as exc:
+        code = exc.code() if hasattr(exc, "code") else None
+        details = exc.details() if hasattr(exc, "details") else str(exc)
+        print(f"\nedgephi: {code.name if code else 'error'}: {details}", file=sys.stderr)
+        return 1
+
+
+def _print_stream(stream: object) -> None:
+    last = None
+    for msg in stream:  # type: ignore[attr-defined]
+        sys.stdout.write(msg.text)
+        sys.stdout.flush()
+        last = msg
+    sys.stdout.write("\n")
+    if last is not None and last.HasField("usage"):
+        from edgephi.v1 import inference_pb2 as pb
+
+        reason = pb.FinishReason.Name(last.finish_reason).removeprefix("FINISH_REASON_").lower()
+        print(
+            f"[{reason}; prompt {last.usage.prompt_tokens} tokens, completion {last.usage.completion_tokens} tokens]",
+            file=sys.stderr,
+        )
+
+
+def _chat(client: object, args: argparse.Namespace, opts: object) -> int:
+    messages: list[tuple[str, str]] = [("system", args.system)] if args.system else []
+    scripted = list(args.message or [])
+    while True:
+        if args.message is not None:
+            if not scripted:
+                return 0
+            user = scripted.pop(0)
+        else:
+            try:
+                user = input("you> ")
+            except EOFError:
+                return 0
+            if not user.strip():
+                continue
+        messages.append(("user", user))
+        reply = []
+        stream = client.chat(messages, opts, args.timeout)  # type: ignore[attr-defined]
+        sys.stdout.write("phi> ")
+        for msg in stream:
+            sys.stdout.write(msg.text)
+            sys.stdout.flush()
+            reply.append(msg.text)
+        sys.stdout.write("\n")
+        messages.append(("assistant", "".join(reply)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

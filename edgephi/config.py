@@ -1,0 +1,151 @@
+"""Daemon settings: one flat pydantic-settings model read from ``EDGEPHI_*`` variables and an env file.
+
+The systemd unit loads ``/etc/edgephi/edgephi.env`` with ``EnvironmentFile=``, so a typo there arrives as an
+unknown ``EDGEPHI_*`` environment variable: :func:`load_settings` rejects those too (pydantic-settings only
+rejects unknown keys of the env file itself), naming the unknown key and the closest known one.
+
+Nobody else parses the environment; :func:`engine_args` is the one place settings become vLLM arguments.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+ENV_PREFIX = "EDGEPHI_"
+
+# Exit status for a configuration error or a preflight refusal (sysexits.h EX_CONFIG). The unit lists it in
+# RestartPreventExitStatus= so that a bad config fails once instead of restart-looping.
+EXIT_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names the setting and the fix."""
+
+
+class Settings(BaseSettings):
+    """Every daemon setting. Environment variable = ``EDGEPHI_`` + the upper-cased field name."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+
+    # --- model / engine -------------------------------------------------------------------------------
+    model: str = Field(
+        "/var/lib/edgephi/models/current",
+        description="Artifact directory (or symlink such as the store's `current`) or hub repo id.",
+    )
+    served_model_name: str = Field("phi-4-w4a16", description="Name reported by GetModelInfo.")
+    max_model_len: int = Field(16384, gt=0, description="Context length in tokens (prompt + completion).")
+    dtype: str = Field("auto", description="Activation dtype passed to vLLM (auto, bfloat16, float16).")
+    kv_cache_dtype: str = Field("auto", description="KV-cache dtype passed to vLLM (auto, fp8, ...).")
+    gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0, description="vLLM's device-memory share.")
+    kv_cache_space_gib: float | None = Field(
+        None, gt=0, description="CPU backend only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+    )
+    max_num_batched_tokens: int | None = Field(None, gt=0, description="vLLM scheduler token budget/step.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (faster start).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs to shard the model over.")
+    engine_extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Extra vLLM EngineArgs as JSON (escape hatch)."
+    )
+    artifact_digest: str = Field("", description="Override for GetModelInfo's digest (else manifest's).")
+
+    # --- defaults applied to requests that leave a sampling field unset -------------------------------
+    default_max_tokens: int = Field(256, gt=0)
+    default_temperature: float = Field(0.0, ge=0.0)
+    max_stop_strings: int = Field(8, ge=0, description="Longest stop list a request may send.")
+    max_stop_string_chars: int = Field(64, gt=0)
+
+    # --- server ---------------------------------------------------------------------------------------
+    host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 or a LAN address to serve the LAN.")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
+    port_file: Path | None = Field(None, description="Write the bound port here once listening (tests).")
+    drain_grace_s: float = Field(30.0, ge=0.0, description="SIGTERM: time in-flight streams get to finish.")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    # --- admission control ----------------------------------------------------------------------------
+    max_concurrent_streams: int = Field(16, gt=0, description="Streams generating at once (engine slots).")
+    max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a slot; beyond: refused.")
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.default_max_tokens >= self.max_model_len:
+            raise ValueError(
+                f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len ({self.max_model_len})"
+            )
+        return self
+
+
+def _unknown_env_keys(environ: dict[str, str]) -> list[str]:
+    known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
+    # EDGEPHI_ENV_FILE and EDGEPHI_CACHE_DIR are read by the CLI / dev-model builder, not by the daemon.
+    known |= {ENV_PREFIX + "ENV_FILE", ENV_PREFIX + "CACHE_DIR"}
+    return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
+    """Read settings from ``EDGEPHI_*`` variables, then ``env_file`` (if given), then ``overrides``.
+
+    Raises:
+        ConfigError: unknown ``EDGEPHI_*`` key (in the environment or the file), missing env file, or an
+            invalid value; the message names every offending setting.
+    """
+    unknown = _unknown_env_keys(dict(os.environ))
+    if unknown:
+        raise ConfigError(_unknown_message(unknown, "environment"))
+    if env_file is not None and not env_file.is_file():
+        raise ConfigError(f"env file {env_file} does not exist (set --env-file or EDGEPHI_ENV_FILE)")
+    try:
+        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+    except ValidationError as exc:
+        problems = []
+        extras = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            if err["type"] == "extra_forbidden":
+                extras.append(ENV_PREFIX + name.upper())
+            else:
+                problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}")
+        if extras:
+            problems.append(_unknown_message(extras, f"env file {env_file}"))
+        raise ConfigError("invalid configuration: " + "; ".join(problems)) from None
+
+
+def _unknown_message(keys: list[str], where: str) -> str:
+    known = [ENV_PREFIX + n.upper() for n in Settings.model_fields]
+    parts = []
+    for key in keys:
+        close = difflib.get_close_matches(key.upper(), known, n=1)
+        parts.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+    return f"unknown setting(s) in {where}: " + ", ".join(parts)
+
+
+def engine_args(settings: Settings) -> dict[str, Any]:
+    """The keyword arguments for vLLM's ``AsyncEngineArgs`` that these settings imply.
+
+    ``max_num_seqs`` is the admission limit on concurrent streams, so the engine's batch never exceeds
+    what admission control lets in (and CUDA-graph capture sizes match it).
+    """
+    args: dict[str, Any] = {
+        "model": settings.model,
+        "served_model_name": settings.served_model_name,
+        "max_model_len": settings.max_model_len,
+        "dtype": settings.dtype,
+        "kv_cache_dtype": settings.kv_cache_dtype,
+        "gpu_memory_utilization": settings.gpu_memory_utilization,
+        "max_num_seqs": settings.max_concurrent_streams,
+        "enforce_eager": settings.enforce_eager,
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "disable_log_stats": True,
+        "enable_prefix_caching": True,
+    }
+    if settings.max_num_batched_tokens is not None:
+        args["max_num_batched_tokens"] = settings.max_num_batched_tokens
+    if settings.kv_cache_space_gib is not None:
+        args["kv_cache_memory_bytes"] = int(settings.kv_cache_space_gib * 2**30)
+    args.update(settings.engine_extra_args)
+    return args

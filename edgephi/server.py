@@ -1,0 +1,160 @@
+"""Assembles and runs the daemon: grpc.aio server, health, reflection, metrics, engine, watchdog, drain.
+
+Start-up order: listen first (health ``NOT_SERVING``, requests ``UNAVAILABLE``), load the engine while telling
+systemd ``EXTEND_TIMEOUT_USEC``, answer a warm-up generation, then ``READY=1`` and health ``SERVING``.
+SIGTERM: ``STOPPING=1``, health ``NOT_SERVING``, refuse new requests, let open streams finish up to
+``drain_grace_s``, end the rest with ``UNAVAILABLE``, shut the engine down, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from edgephi.config import Settings
+from edgephi.engine import Engine, GenerationRequest, Sampling, VllmEngine
+from edgephi.runtime import Runtime, State, StreamEnd
+from edgephi.servicer import InferenceServicer
+from edgephi.v1 import inference_pb2, inference_pb2_grpc
+from edgephi.watchdog import Liveness, Notifier, Probe, run_watchdog
+
+log = logging.getLogger(__name__)
+
+# How much start-up time to ask systemd for at a time while the engine loads (EXTEND_TIMEOUT_USEC).
+LOAD_EXTEND_S = 60.0
+# Watchdog tick when systemd did not ask for one (health still follows the liveness verdict).
+DEFAULT_TICK_S = 5.0
+EXIT_ENGINE_DEAD = 1
+
+
+async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
+    """Create the grpc.aio server with our service, health and reflection; bind; return it and its port."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt), server)
+    health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)
+    names = (
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
+        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        reflection.SERVICE_NAME,
+    )
+    reflection.enable_server_reflection(names, server)
+    address = f"{rt.settings.host}:{rt.settings.port}"
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"cannot bind gRPC to {address}")
+    return server, port
+
+
+async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
+    """Run the daemon until SIGTERM/SIGINT or engine death; return the process exit code."""
+    notifier = notifier or Notifier.from_env()
+    rt = Runtime(settings, notifier)
+    await rt.set_state(State.LOADING, "loading: starting")
+    server, port = await build_server(rt)
+    await server.start()
+    log.info("gRPC listening on %s:%d", settings.host, port)
+    if settings.port_file is not None:
+        _write_atomic(settings.port_file, f"{port}\n")
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, rt.request_stop)
+
+    try:
+        return await _run(rt, settings, notifier)
+    finally:
+        await server.stop(grace=1.0)
+        rt.state = State.STOPPED
+        log.info("stopped (exit %d)", rt.exit_code)
+
+
+async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
+    extender = asyncio.create_task(_extend_while_loading(rt, notifier))
+    started = time.monotonic()
+    try:
+        async with VllmEngine.start(settings) as engine:
+            extender.cancel()
+            rt.attach(engine)
+            await _warm_up(engine)
+            load_s = time.monotonic() - started
+            if rt.stop_requested.is_set():
+                return rt.exit_code
+            await rt.set_state(State.SERVING)
+            notifier.ready(f"serving {engine.info.model_name} (loaded in {load_s:.1f} s)")
+            log.info("ready in %.1f s: %s", load_s, engine.info)
+            watchdog = asyncio.create_task(_watch(rt, engine, notifier))
+            await rt.stop_requested.wait()
+            watchdog.cancel()
+            if rt.state is not State.DEAD:
+                notifier.stopping("draining")
+                await rt.set_state(State.DRAINING, "draining")
+                await rt.drain(settings.drain_grace_s)
+            notifier.status("stopping engine")
+    finally:
+        extender.cancel()
+    return rt.exit_code
+
+
+async def _extend_while_loading(rt: Runtime, notifier: Notifier) -> None:
+    t0 = time.monotonic()
+    while True:
+        notifier.extend_timeout(LOAD_EXTEND_S)
+        notifier.status(f"loading model ({time.monotonic() - t0:.0f} s)")
+        await asyncio.sleep(LOAD_EXTEND_S / 3)
+
+
+def _probe_request(engine: Engine) -> GenerationRequest:
+    ids = engine.tokenizer.encode("ping") or [0]
+    return GenerationRequest(tuple(ids), Sampling(max_tokens=1, temperature=0.0, ignore_eos=True))
+
+
+async def _one_token(engine: Engine) -> None:
+    async for _ in engine.generate(_probe_request(engine), f"probe-{uuid.uuid4().hex}"):
+        pass
+
+
+async def _warm_up(engine: Engine) -> None:
+    """One generation through the whole path before READY: readiness means "answered a request"."""
+    await _one_token(engine)
+
+
+async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
+    tick = notifier.watchdog_usec / 2e6 if notifier.watchdog_usec else DEFAULT_TICK_S
+    probe_timeout = max(1.0, (notifier.watchdog_usec / 1e6) if notifier.watchdog_usec else 2 * DEFAULT_TICK_S)
+    liveness = Liveness(
+        Probe(
+            check_health=engine.check_health,
+            core_pids=engine.core_pids,
+            tokens_generated=lambda: rt.tokens_generated,
+            probe_generation=lambda: _one_token(engine),
+        ),
+        probe_timeout_s=probe_timeout,
+    )
+
+    def on_dead(reason: str) -> None:
+        rt.state = State.DEAD
+        ended = rt.end_streams(StreamEnd.ENGINE_DEAD, reason)
+        log.error("engine dead (%s): ended %d open stream(s); exiting %d", reason, ended, EXIT_ENGINE_DEAD)
+        notifier.status(f"engine dead: {reason}")
+        asyncio.get_running_loop().create_task(rt.set_state(State.DEAD))
+        rt.request_stop(EXIT_ENGINE_DEAD)
+
+    def on_miss(reason: str) -> None:
+        rt.metrics.watchdog_misses.inc()
+        notifier.status(f"engine not making progress: {reason}")
+
+    await run_watchdog(liveness, notifier, tick, on_dead, on_miss)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,143 @@
+"""The gRPC methods of ``edgephi.v1.InferenceService``: thin — convert, admit, call the engine, convert back.
+
+Status codes:
+  INVALID_ARGUMENT    a request field is bad (the message starts with the field's proto path)
+  RESOURCE_EXHAUSTED  admission limit (streams + queue) or a memory guard refused the request
+  UNAVAILABLE         engine loading, draining or dead; or the stream was aborted by a drain past its grace
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+import grpc
+
+from edgephi import convert
+from edgephi.admission import Overloaded
+from edgephi.convert import InvalidArgument
+from edgephi.engine import EngineDeadError, GenerationRequest
+from edgephi.runtime import Runtime, StreamEnd
+from edgephi.v1 import inference_pb2 as pb
+from edgephi.v1 import inference_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+Resp = TypeVar("Resp", pb.GenerateResponse, pb.ChatResponse)
+Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+class InferenceServicer(pb_grpc.InferenceServiceServicer):
+    """Implements the public API over a :class:`Runtime` (engine + admission + lifecycle)."""
+
+    def __init__(self, runtime: Runtime) -> None:
+        self.rt = runtime
+
+    async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
+        async for msg in self._stream("Generate", request, context, convert.generate_request, pb.GenerateResponse):
+            yield msg
+
+    async def Chat(self, request: pb.ChatRequest, context: Ctx) -> AsyncIterator[pb.ChatResponse]:
+        async for msg in self._stream("Chat", request, context, convert.chat_request, pb.ChatResponse):
+            yield msg
+
+    async def CountTokens(self, request: pb.CountTokensRequest, context: Ctx) -> pb.CountTokensResponse:
+        engine = await self._engine_or_abort(context, "CountTokens")
+        try:
+            n = convert.count_tokens(request, engine.tokenizer)
+        except InvalidArgument as exc:
+            await self._abort(context, "CountTokens", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        self.rt.metrics.requests.labels("CountTokens", "OK").inc()
+        return pb.CountTokensResponse(token_count=n, max_context_tokens=engine.info.max_context_tokens)
+
+    async def GetModelInfo(self, request: pb.GetModelInfoRequest, context: Ctx) -> pb.GetModelInfoResponse:
+        engine = await self._engine_or_abort(context, "GetModelInfo")
+        i = engine.info
+        self.rt.metrics.requests.labels("GetModelInfo", "OK").inc()
+        return pb.GetModelInfoResponse(
+            model_name=i.model_name,
+            quantization=i.quantization,
+            max_context_tokens=i.max_context_tokens,
+            vocab_size=i.vocab_size,
+            artifact_digest=i.artifact_digest,
+            engine_version=i.engine_version,
+            weight_bits=i.weight_bits,
+            group_size=i.group_size,
+        )
+
+    # ------------------------------------------------------------------------------------------------------
+
+    async def _stream(
+        self,
+        method: str,
+        request: object,
+        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        parse: Callable[..., GenerationRequest],
+        response_type: type[Resp],
+    ) -> AsyncIterator[Resp]:
+        received = time.perf_counter()
+        engine = await self._engine_or_abort(context, method)
+        try:
+            gen_req = parse(request, engine.tokenizer, self.rt.limits)
+        except InvalidArgument as exc:
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        refusal = self.rt.refusal()
+        if refusal is not None:
+            await self._abort(context, method, refusal[0], refusal[1])
+        request_id = f"{method.lower()}-{uuid.uuid4().hex}"
+        stream = self.rt.open_stream(request_id)
+        first_at = last_at = 0.0
+        n_tokens = 0
+        try:
+            async with self.rt.admission.slot():
+                async for delta in engine.generate(gen_req, request_id):
+                    if delta.token_ids:
+                        now = time.perf_counter()
+                        if not first_at:
+                            first_at = now
+                            self.rt.metrics.ttft.observe(now - received)
+                        last_at = now
+                        n_tokens += len(delta.token_ids)
+                        self.rt.tokens_generated += len(delta.token_ids)
+                    msg = response_type()
+                    convert.fill_response(msg, delta)
+                    yield msg
+        except Overloaded as exc:
+            await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except EngineDeadError as exc:
+            await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, f"engine died: {exc}")
+        except asyncio.CancelledError:
+            # Client cancel / deadline: the engine request was already aborted by engine.generate. A server-
+            # side end (drain past grace, engine death) cancels this task too, and says why.
+            if stream.end is StreamEnd.CLIENT:
+                self.rt.metrics.requests.labels(method, "CANCELLED").inc()
+                raise
+            await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, stream.end_message())
+        finally:
+            self.rt.close_stream(request_id)
+            self.rt.metrics.completion_tokens.inc(n_tokens)
+            self.rt.metrics.prompt_tokens.inc(len(gen_req.prompt_token_ids))
+            if n_tokens > 1:
+                self.rt.metrics.tpot.observe((last_at - first_at) / (n_tokens - 1))
+        self.rt.metrics.requests.labels(method, "OK").inc()
+
+    async def _engine_or_abort(self, context: grpc.aio.ServicerContext, method: str):  # type: ignore[no-untyped-def,type-arg]
+        engine = self.rt.engine
+        if engine is None or not self.rt.accepting:
+            await self._abort(
+                context, method, grpc.StatusCode.UNAVAILABLE, f"not serving: {self.rt.state.value}; retry later"
+            )
+        return engine
+
+    async def _abort(
+        self,
+        context: grpc.aio.ServicerContext,
+        method: str,  # type: ignore[type-arg]
+        code: grpc.StatusCode,
+        message: str,
+    ) -> None:
+        self.rt.metrics.requests.labels(method, code.name).inc()
+        await context.abort(code, message)
