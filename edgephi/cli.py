@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -97,20 +98,26 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level)
     from edgephi.server import serve
 
-    return asyncio.run(serve(settings))
+    code = asyncio.run(serve(settings))
+    # Collect the engine client now, while modules are intact (vLLM's AsyncLLM.__del__ fails at teardown).
+    gc.collect()
+    return code
+
+
+def build_dev_artifact(cache_dir: Path | None = None, iters: int = 32) -> tuple[Path, Path]:
+    """Build (or reuse) the tiny Phi-4 stand-in and its W4A16 g128 auto-round artifact: ``(bf16, w4a16)``."""
+    from edgephi import devmodel, quantize
+
+    bf16 = devmodel.build(cache_dir)
+    out = bf16.parent / f"{bf16.name}-w4a16-g128-it{iters}"
+    if not out.is_dir():
+        quantize.quantize(bf16, out, iters=iters, nsamples=32, seqlen=256, batch_size=4)
+    return bf16, out
 
 
 def _devmodel(args: argparse.Namespace) -> int:
-    from edgephi import devmodel, quantize
-
-    bf16 = devmodel.build(args.cache_dir)
-    if args.bf16:
-        print(bf16)
-        return 0
-    out = bf16.parent / f"{bf16.name}-w4a16-g128-it{args.iters}"
-    if not out.is_dir():
-        quantize.quantize(bf16, out, iters=args.iters, nsamples=32, seqlen=256, batch_size=4)
-    print(out)
+    bf16, w4 = build_dev_artifact(args.cache_dir, args.iters)
+    print(bf16 if args.bf16 else w4)
     return 0
 
 

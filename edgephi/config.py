@@ -63,7 +63,11 @@ class Settings(BaseSettings):
     # --- server ---------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="Bind address; 0.0.0.0 or a LAN address to serve the LAN.")
     port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one (tests).")
-    port_file: Path | None = Field(None, description="Write the bound port here once listening (tests).")
+    port_file: Path | None = Field(
+        None, description='Once listening, write {"grpc": port, "metrics": port} here as JSON (tests).'
+    )
+    metrics_host: str = Field("127.0.0.1", description="Prometheus endpoint bind address.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint port; unset = off.")
     drain_grace_s: float = Field(30.0, ge=0.0, description="SIGTERM: time in-flight streams get to finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -21,7 +21,7 @@ from typing import Any, Literal, Protocol
 
 import psutil
 
-from edgephi.config import Settings, engine_args
+from edgephi.config import EXIT_CONFIG, Settings, engine_args
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +32,15 @@ END_OF_TURN = "<|im_end|>"
 
 class EngineDeadError(RuntimeError):
     """The engine process died or errored; nothing more can be generated in this process."""
+
+
+class EngineLoadError(RuntimeError):
+    """The engine could not be started. ``exit_code`` is 78 (EX_CONFIG) when the settings or the artifact are
+    wrong, so that systemd does not restart-loop on them, and 1 for other failures."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass(frozen=True)
@@ -225,7 +234,16 @@ class VllmEngine:
         Raises:
             Exception: whatever vLLM raises when the artifact cannot be loaded (missing files, no memory).
         """
-        llm = await asyncio.to_thread(_build_async_llm, settings)
+        try:
+            llm = await asyncio.to_thread(_build_async_llm, settings)
+        except (ValueError, TypeError, OSError) as exc:  # pydantic's ValidationError is a ValueError
+            first = str(exc).strip().splitlines()
+            detail = " ".join(line.strip() for line in first[:3])
+            raise EngineLoadError(
+                f"cannot load {settings.model!r} with these settings: {detail}", EXIT_CONFIG
+            ) from exc
+        except Exception as exc:
+            raise EngineLoadError(f"engine failed to start: {type(exc).__name__}: {exc}", 1) from exc
         try:
             vocab = int(llm.model_config.get_vocab_size())
             tokenizer = await asyncio.to_thread(HfTokenizer, settings.model, vocab)

@@ -9,6 +9,7 @@ SIGTERM: ``STOPPING=1``, health ``NOT_SERVING``, refuse new requests, let open s
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import signal
 import time
@@ -20,7 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgephi.config import Settings
-from edgephi.engine import Engine, GenerationRequest, Sampling, VllmEngine
+from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
 from edgephi.runtime import Runtime, State, StreamEnd
 from edgephi.servicer import InferenceServicer
 from edgephi.v1 import inference_pb2, inference_pb2_grpc
@@ -61,8 +62,15 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     server, port = await build_server(rt)
     await server.start()
     log.info("gRPC listening on %s:%d", settings.host, port)
+    metrics_port = None
+    if settings.metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        httpd, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=rt.metrics.registry)
+        metrics_port = httpd.server_port
+        log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
     if settings.port_file is not None:
-        _write_atomic(settings.port_file, f"{port}\n")
+        _write_atomic(settings.port_file, json.dumps({"grpc": port, "metrics": metrics_port}) + "\n")
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -70,6 +78,10 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
 
     try:
         return await _run(rt, settings, notifier)
+    except EngineLoadError as exc:
+        log.error("%s", exc)
+        notifier.status(str(exc)[:200])
+        return exc.exit_code
     finally:
         await server.stop(grace=1.0)
         rt.state = State.STOPPED

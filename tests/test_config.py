@@ -1,0 +1,73 @@
+"""Settings: EDGEPHI_* variables and env file, unknown keys rejected, bad values named; exit 78 from serve."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from edgephi.config import EXIT_CONFIG, ConfigError, engine_args, load_settings
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for key in list(os.environ):
+        if key.startswith("EDGEPHI_"):
+            monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def test_env_and_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / "edgephi.env"
+    env_file.write_text("EDGEPHI_PORT=6000\nEDGEPHI_MAX_CONCURRENT_STREAMS=4\n")
+    clean_env.setenv("EDGEPHI_MAX_MODEL_LEN", "4096")
+    s = load_settings(env_file)
+    assert (s.port, s.max_concurrent_streams, s.max_model_len) == (6000, 4, 4096)
+    args = engine_args(s)
+    assert args["max_num_seqs"] == 4 and args["max_model_len"] == 4096
+
+
+def test_unknown_env_var_is_named_with_suggestion(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("EDGEPHI_MAX_CONCURENT_STREAMS", "4")
+    with pytest.raises(ConfigError, match="EDGEPHI_MAX_CONCURENT_STREAMS.*did you mean EDGEPHI_MAX_CONCURRENT_STREAMS"):
+        load_settings()
+
+
+def test_unknown_key_in_env_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    env_file = tmp_path / "edgephi.env"
+    env_file.write_text("EDGEPHI_PORTT=1\n")
+    with pytest.raises(ConfigError, match="EDGEPHI_PORTT"):
+        load_settings(env_file)
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("EDGEPHI_PORT", "70000", "EDGEPHI_PORT"),
+    ("EDGEPHI_MAX_CONCURRENT_STREAMS", "0", "EDGEPHI_MAX_CONCURRENT_STREAMS"),
+    ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "default_max_tokens"),
+    ("EDGEPHI_GPU_MEMORY_UTILIZATION", "1.5", "EDGEPHI_GPU_MEMORY_UTILIZATION"),
+])
+def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
+    clean_env.setenv(key, value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()
+
+
+def test_serve_with_bad_config_exits_78_without_loading(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
+    env["EDGEPHI_PROT"] = "1"
+    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == EXIT_CONFIG
+    assert "EDGEPHI_PROT" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
+
+
+def test_serve_with_missing_model_exits_78(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
+    env.update({"EDGEPHI_MODEL": str(tmp_path / "nope"), "EDGEPHI_PORT": "0"})
+    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert "cannot load" in proc.stderr and str(tmp_path / "nope") in proc.stderr

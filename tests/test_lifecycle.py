@@ -1,0 +1,77 @@
+"""Loading → serving → draining on SIGTERM, with a second real daemon (its own engine)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+
+from edgephi.client import sampling
+from tests.daemon import run_daemon
+
+GRACE_S = 2.0
+
+
+def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path) -> None:
+    with run_daemon(artifact, tmp_path, wait_ready=False, drain_grace_s=GRACE_S,
+                    max_model_len=2048) as d, d.client() as c:
+        # Loading: listening, but NOT_SERVING and requests are UNAVAILABLE.
+        assert c.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate("hi", sampling(max_tokens=2)))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert "loading" in err.value.details()
+        deadline = time.monotonic() + 300
+        while c.health() != "SERVING":
+            assert time.monotonic() < deadline and d.proc.poll() is None, d.log()[-3000:]
+            time.sleep(0.2)
+        children = psutil.Process(d.proc.pid).children(recursive=True)
+        assert children, "vLLM's engine-core process should be running"
+
+        # In flight at SIGTERM: one stream that finishes within the grace, one that cannot.
+        short_result: dict[str, object] = {}
+        long_result: dict[str, object] = {}
+
+        def consume(stream, out: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+            try:
+                out["msgs"] = list(stream)
+            except grpc.RpcError as exc:
+                out["error"] = exc
+
+        long_stream = c.generate("Once", sampling(max_tokens=2000, ignore_eos=True))
+        short_stream = c.generate("Twice", sampling(max_tokens=20, ignore_eos=True))
+        next(long_stream)
+        next(short_stream)
+        threads = [threading.Thread(target=consume, args=(long_stream, long_result)),
+                   threading.Thread(target=consume, args=(short_stream, short_result))]
+        for t in threads:
+            t.start()
+        sent = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert c.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate("new", sampling(max_tokens=2)))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        for t in threads:
+            t.join(GRACE_S + 30)
+
+        assert "error" not in short_result, short_result
+        assert len(long_result.get("msgs", [])) < 2000
+        assert len(short_result["msgs"]) >= 1  # type: ignore[arg-type]
+        error = long_result.get("error")
+        assert isinstance(error, grpc.RpcError), long_result
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "drain" in (error.details() or "")
+        code = d.proc.wait(GRACE_S + 60)
+        elapsed = time.monotonic() - sent
+        assert code == 0, d.log()[-3000:]
+        assert GRACE_S - 0.5 <= elapsed < GRACE_S + 30
+        # Nothing outlives the daemon.
+        time.sleep(1)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -1,0 +1,215 @@
+"""The serving path end to end: real vLLM engine (CPU build), real daemon, real gRPC on 127.0.0.1."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+from transformers import AutoTokenizer
+
+from edgephi.client import sampling
+from edgephi.v1 import inference_pb2 as pb
+from tests.conftest import MAX_QUEUED, MAX_STREAMS
+from tests.daemon import Daemon
+
+UNFINISHED = "edgephi_engine_unfinished_requests"
+
+
+def collect(stream: object) -> tuple[list[pb.GenerateResponse], str, list[int]]:
+    msgs = list(stream)  # type: ignore[call-overload]
+    return msgs, "".join(m.text for m in msgs), [t for m in msgs for t in m.token_ids]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(artifact):  # type: ignore[no-untyped-def]
+    return AutoTokenizer.from_pretrained(artifact)
+
+
+@pytest.mark.parametrize("prompt", ["def read_file(path):\n    \"\"\"Return", "Grüße, café — naïve «ünïcödé» 日本語: "])
+def test_stream_deltas_concatenate_to_full_text(daemon: Daemon, tokenizer, prompt: str) -> None:  # type: ignore[no-untyped-def]
+    with daemon.client() as c:
+        msgs, text, ids = collect(c.generate(prompt, sampling(max_tokens=40, temperature=0.0, ignore_eos=True)))
+        again = collect(c.generate(prompt, sampling(max_tokens=40, temperature=0.0, ignore_eos=True)))[1]
+    assert len(msgs) > 1
+    assert len(ids) == 40
+    # The non-streamed text: the same tokens detokenized in one go.
+    assert text == tokenizer.decode(ids, skip_special_tokens=True)
+    assert "\ufffd" not in text or "\ufffd" in tokenizer.decode(ids, skip_special_tokens=True)
+    last = msgs[-1]
+    assert last.finish_reason == pb.FINISH_REASON_LENGTH
+    assert last.usage.completion_tokens == 40
+    assert last.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
+    assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
+    assert again == text  # greedy is deterministic
+    # Not degenerate: the tiny model was trained, so greedy output is not one token repeated.
+    assert len(set(ids)) > 3
+
+
+def test_non_ascii_stream_is_utf8_safe(daemon: Daemon, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    """Token ids that split multi-byte characters still stream as whole characters."""
+    pieces = tokenizer.encode("日本語の🙂テキスト", add_special_tokens=False)
+    req = pb.GenerateRequest(token_ids=pb.TokenIds(ids=pieces), sampling=sampling(max_tokens=30, ignore_eos=True))
+    with daemon.client() as c:
+        msgs = list(c.stub.Generate(req, timeout=60))
+    for m in msgs:
+        m.text.encode("utf-8")  # every delta is valid UTF-8 on its own
+    ids = [t for m in msgs for t in m.token_ids]
+    assert "".join(m.text for m in msgs) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_chat_stops_at_end_of_turn(daemon: Daemon, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    with daemon.client() as c:
+        msgs, text, ids = collect(c.chat([("user", "Return the absolute value of a number.")],
+                                         sampling(max_tokens=400, temperature=0.0)))
+    assert msgs[-1].finish_reason == pb.FINISH_REASON_STOP, text
+    assert ids[-1] == im_end
+    assert "<|im_end|>" not in text and text.strip()
+    assert msgs[-1].usage.completion_tokens == len(ids) < 400
+
+
+def test_count_tokens_and_model_info(daemon: Daemon, tokenizer) -> None:  # type: ignore[no-untyped-def]
+    with daemon.client() as c:
+        assert c.count_tokens("hello world") == len(tokenizer.encode("hello world", add_special_tokens=False))
+        chat = pb.CountTokensRequest(chat=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="hi")]))
+        n = c.stub.CountTokens(chat, timeout=10).token_count
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                                                 add_generation_prompt=True)
+        assert n == len(tokenizer.encode(rendered, add_special_tokens=False))
+        info = c.model_info()
+    assert info.max_context_tokens == 2048
+    assert info.vocab_size >= len(tokenizer)
+    assert info.weight_bits == 4 and info.group_size == 128
+    assert info.quantization in ("gptq", "auto-round", "auto_round")
+    assert info.engine_version
+
+
+def _long(c, **kw):  # type: ignore[no-untyped-def]
+    return c.generate("Once upon a time", sampling(max_tokens=1500, ignore_eos=True, temperature=0.0), **kw)
+
+
+def test_cancel_mid_stream_aborts_engine_request(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        stream = _long(c)
+        got = [next(stream), next(stream), next(stream)]
+        assert daemon.wait_metric(UNFINISHED, 1.0) == 1.0  # it is running in the engine
+        stream.cancel()
+        with pytest.raises(grpc.RpcError) as err:
+            list(stream)
+        assert err.value.code() == grpc.StatusCode.CANCELLED
+    assert len(got) == 3
+    assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0  # nothing keeps generating
+    assert daemon.wait_metric("edgephi_streams_running", 0.0) == 0.0
+
+
+def test_expired_deadline_aborts_engine_request(daemon: Daemon) -> None:
+    with daemon.client() as c:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(_long(c, timeout=1.5))
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 10
+    assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0
+
+
+INVALID = [
+    ("text", pb.GenerateRequest(text="")),
+    ("text", pb.GenerateRequest(text="   ")),
+    ("prompt", pb.GenerateRequest()),
+    ("sampling.temperature", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(temperature=-0.5))),
+    ("sampling.temperature", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(temperature=float("nan")))),
+    ("sampling.top_p", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(top_p=0.0))),
+    ("sampling.top_p", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(top_p=1.5))),
+    ("sampling.top_k", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(top_k=-7))),
+    ("sampling.max_tokens", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=0))),
+    ("sampling.max_tokens", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=-3))),
+    ("sampling.max_tokens", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=2048))),
+    ("prompt", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[5] * 2048))),
+    ("sampling.stop", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(stop=["x"] * 9))),
+    ("sampling.stop[0]", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(stop=["y" * 65]))),
+    ("sampling.stop[1]", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(stop=["a", ""]))),
+    ("sampling.seed", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(seed=-1))),
+    ("sampling.repetition_penalty",
+     pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(repetition_penalty=0.0))),
+    ("sampling.presence_penalty", pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(presence_penalty=3))),
+    ("sampling.min_tokens",
+     pb.GenerateRequest(text="hi", sampling=pb.SamplingOptions(max_tokens=5, min_tokens=6))),
+    ("token_ids.ids", pb.GenerateRequest(token_ids=pb.TokenIds())),
+    ("token_ids.ids[1]", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[1, 10_000_000]))),
+    ("token_ids.ids[0]", pb.GenerateRequest(token_ids=pb.TokenIds(ids=[-1]))),
+]
+
+
+@pytest.mark.parametrize(("field", "request_"), INVALID, ids=[f"{f}-{i}" for i, (f, _) in enumerate(INVALID)])
+def test_invalid_generate_request(daemon: Daemon, field: str, request_: pb.GenerateRequest) -> None:
+    with daemon.client() as c:
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.stub.Generate(request_, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(field + ":"), err.value.details()
+        # The engine survived: the next valid request succeeds.
+        assert collect(c.generate("hello", sampling(max_tokens=2, ignore_eos=True)))[2]
+
+
+@pytest.mark.parametrize(("field", "request_"), [
+    ("messages", pb.ChatRequest()),
+    ("messages[1].role", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="a"),
+                                                  pb.ChatMessage(role="wizard", content="b")])),
+    ("sampling.top_p", pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="a")],
+                                      sampling=pb.SamplingOptions(top_p=-1))),
+])
+def test_invalid_chat_request(daemon: Daemon, field: str, request_: pb.ChatRequest) -> None:
+    with daemon.client() as c:
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.stub.Chat(request_, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert err.value.details().startswith(field + ":"), err.value.details()
+        with pytest.raises(grpc.RpcError) as err2:
+            c.stub.CountTokens(pb.CountTokensRequest(), timeout=10)
+        assert err2.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert collect(c.chat([("user", "hi")], sampling(max_tokens=2)))[2]
+
+
+def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
+    """MAX_STREAMS running + MAX_QUEUED queued are admitted; the next request is refused immediately."""
+    with daemon.client() as c:
+        streams = [_long(c) for _ in range(MAX_STREAMS + MAX_QUEUED)]
+        for s in streams[:MAX_STREAMS]:
+            next(s)  # running: first token received
+        assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            list(_long(c))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "busy" in err.value.details()
+        assert time.monotonic() - started < 2.0
+        # Queued request starts once a slot frees.
+        streams[0].cancel()
+        next(streams[-1])
+        for s in streams:
+            s.cancel()
+    assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0
+    assert daemon.wait_metric("edgephi_streams_queued", 0.0) == 0.0
+
+
+def test_concurrent_streams_are_independent(daemon: Daemon) -> None:
+    results: dict[int, str] = {}
+    with daemon.client() as c:
+        def run(i: int) -> None:
+            results[i] = collect(c.generate(f"class Item{i}:", sampling(max_tokens=12, ignore_eos=True)))[1]
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(MAX_STREAMS)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        solo = collect(c.generate("class Item0:", sampling(max_tokens=12, ignore_eos=True)))[1]
+    assert len(results) == MAX_STREAMS
+    assert results[0] == solo
+
+
+def test_health_went_from_not_serving_to_serving(daemon: Daemon) -> None:
+    assert daemon.health_seen[-1] == "SERVING"
+    with daemon.client() as c:
+        assert c.health("edgephi.v1.InferenceService") == "SERVING"
