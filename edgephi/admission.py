@@ -23,11 +23,13 @@ class Admission:
     Not thread-safe: use from one event loop.
     """
 
-    def __init__(self, max_running: int, max_queued: int) -> None:
+    def __init__(self, max_running: int, max_queued: int, token_capacity: int | None = None) -> None:
         if max_running <= 0 or max_queued < 0:
             raise ValueError("max_running must be > 0 and max_queued >= 0")
         self.max_running = max_running
         self.max_queued = max_queued
+        self.token_capacity = token_capacity  # KV-cache tokens; None = unbounded
+        self.tokens = 0  # prompt + max_tokens of every admitted (running or queued) request
         self.running = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -36,13 +38,30 @@ class Admission:
         return len(self._waiters)
 
     @contextlib.asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
+    async def slot(self, tokens: int = 0) -> AsyncIterator[None]:
         """Hold a running slot for the body; wait in the queue if none is free.
 
+        ``tokens`` (prompt + max_tokens) counts against the KV-cache capacity while admitted.
+
         Raises:
-            Overloaded: all slots busy and the queue full (raised before any waiting).
+            Overloaded: all slots busy and the queue full, or the tokens in flight would exceed the KV-cache
+                capacity (raised before any waiting).
             asyncio.CancelledError: cancelled while queued (the place is given back).
         """
+        if self.token_capacity is not None and self.tokens + tokens > self.token_capacity:
+            raise Overloaded(
+                f"server busy: {self.tokens} tokens in flight + {tokens} requested exceed the KV cache's "
+                f"{self.token_capacity} tokens; retry later or lower max_tokens"
+            )
+        self.tokens += tokens
+        try:
+            async with self._slot():
+                yield
+        finally:
+            self.tokens -= tokens
+
+    @contextlib.asynccontextmanager
+    async def _slot(self) -> AsyncIterator[None]:
         if self.running >= self.max_running or self._waiters:
             if len(self._waiters) >= self.max_queued:
                 raise Overloaded(

@@ -98,7 +98,11 @@ def _serve(args: argparse.Namespace) -> int:
     logging.getLogger().setLevel(settings.log_level)
     from edgephi.server import serve
 
-    code = asyncio.run(serve(settings))
+    try:
+        code = asyncio.run(serve(settings))
+    except ConfigError as exc:
+        print(f"edgephi: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     # Collect the engine client now, while modules are intact (vLLM's AsyncLLM.__del__ fails at teardown).
     gc.collect()
     return code

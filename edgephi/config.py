@@ -22,6 +22,8 @@ ENV_PREFIX = "EDGEPHI_"
 # Exit status for a configuration error or a preflight refusal (sysexits.h EX_CONFIG). The unit lists it in
 # RestartPreventExitStatus= so that a bad config fails once instead of restart-looping.
 EXIT_CONFIG = 78
+# Exit status after a hard memory-guard trip (sysexits.h EX_TEMPFAIL): drained, restart wanted.
+EXIT_MEMORY = 75
 
 
 class ConfigError(Exception):
@@ -71,6 +73,22 @@ class Settings(BaseSettings):
     drain_grace_s: float = Field(30.0, ge=0.0, description="SIGTERM: time in-flight streams get to finish.")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- LAN security -------------------------------------------------------------------------------------
+    auth_token_file: Path | None = Field(None, description="Bearer token file (mode 0600); unset = no auth.")
+    tls_cert_file: Path | None = Field(None, description="Server certificate chain (PEM); unset = plaintext.")
+    tls_key_file: Path | None = Field(None, description="Server private key (PEM).")
+    tls_client_ca_file: Path | None = Field(None, description="CA for client certificates: enables mTLS.")
+
+    # --- memory guards ------------------------------------------------------------------------------------
+    vram_budget_gib: float | None = Field(
+        None, gt=0, description="Device memory this service may use; context/KV dtype are fitted to it."
+    )
+    memory_soft_limit_gib: float | None = Field(None, gt=0, description="Service RSS: shed new requests above.")
+    memory_hard_limit_gib: float | None = Field(None, gt=0, description="Service RSS: drain and exit above.")
+    min_available_soft_gib: float | None = Field(None, ge=0, description="Host available RAM: shed below.")
+    min_available_hard_gib: float | None = Field(None, ge=0, description="Host available RAM: exit below.")
+    memory_check_interval_s: float = Field(2.0, gt=0)
+
     # --- admission control ----------------------------------------------------------------------------
     max_concurrent_streams: int = Field(16, gt=0, description="Streams generating at once (engine slots).")
     max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a slot; beyond: refused.")
@@ -81,6 +99,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len ({self.max_model_len})"
             )
+        if (self.memory_soft_limit_gib and self.memory_hard_limit_gib
+                and self.memory_soft_limit_gib >= self.memory_hard_limit_gib):
+            raise ValueError("memory_soft_limit_gib must be below memory_hard_limit_gib")
         return self
 
 

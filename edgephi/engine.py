@@ -96,6 +96,7 @@ class ModelInfo:
     vocab_size: int
     artifact_digest: str
     engine_version: str
+    kv_capacity_tokens: int  # KV-cache blocks × block size (0 when the engine does not report it)
 
 
 @dataclass
@@ -247,7 +248,11 @@ class VllmEngine:
         try:
             vocab = int(llm.model_config.get_vocab_size())
             tokenizer = await asyncio.to_thread(HfTokenizer, settings.model, vocab)
-            info = await asyncio.to_thread(_model_info, settings, int(llm.model_config.max_model_len), vocab)
+            cache = llm.vllm_config.cache_config
+            kv_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
+            info = await asyncio.to_thread(
+                _model_info, settings, int(llm.model_config.max_model_len), vocab, kv_tokens
+            )
             yield cls(llm, settings, tokenizer, info)
         finally:
             await asyncio.to_thread(llm.shutdown)
@@ -329,7 +334,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _model_info(settings: Settings, max_model_len: int, vocab: int) -> ModelInfo:
+def _model_info(settings: Settings, max_model_len: int, vocab: int, kv_tokens: int) -> ModelInfo:
     import vllm
 
     method, bits, group = _quantization_of(settings.model)
@@ -344,6 +349,7 @@ def _model_info(settings: Settings, max_model_len: int, vocab: int) -> ModelInfo
         vocab_size=vocab,
         artifact_digest=settings.artifact_digest or read_artifact_digest(settings.model),
         engine_version=str(vllm.__version__),
+        kv_capacity_tokens=kv_tokens,
     )
 
 

@@ -100,6 +100,8 @@ class Runtime:
 
     def attach(self, engine: Engine) -> None:
         self.engine = engine
+        if engine.info.kv_capacity_tokens > 0:
+            self.admission.token_capacity = engine.info.kv_capacity_tokens
         s = self.settings
         self.limits = Limits(
             max_context_tokens=engine.info.max_context_tokens,
@@ -163,7 +165,11 @@ class Runtime:
             "streams_running": float(self.admission.running),
             "streams_queued": float(self.admission.queued),
             "serving": 1.0 if self.state is State.SERVING else 0.0,
+            "tokens_in_flight": float(self.admission.tokens),
         }
         if self.engine is not None:
             out["engine_unfinished_requests"] = float(self.engine.stats().unfinished_requests)
+            if self.engine.info.kv_capacity_tokens:
+                out["kv_cache_capacity_tokens"] = float(self.engine.info.kv_capacity_tokens)
+                out["kv_cache_reserved_ratio"] = self.admission.tokens / self.engine.info.kv_capacity_tokens
         return out

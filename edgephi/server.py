@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import time
 import uuid
@@ -20,9 +21,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgephi.config import Settings
+from edgephi import guards
+from edgephi.config import EXIT_MEMORY, Settings
 from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
 from edgephi.runtime import Runtime, State, StreamEnd
+from edgephi.security import BearerTokenInterceptor, read_token, server_credentials
 from edgephi.servicer import InferenceServicer
 from edgephi.v1 import inference_pb2, inference_pb2_grpc
 from edgephi.watchdog import Liveness, Notifier, Probe, run_watchdog
@@ -37,8 +40,16 @@ EXIT_ENGINE_DEAD = 1
 
 
 async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
-    """Create the grpc.aio server with our service, health and reflection; bind; return it and its port."""
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    """Create the grpc.aio server with our service, health and reflection; bind; return it and its port.
+
+    Raises:
+        ConfigError: bad TLS or token settings (checked before binding).
+        OSError: the address cannot be bound.
+    """
+    s = rt.settings
+    creds = server_credentials(s)
+    interceptors = [BearerTokenInterceptor(read_token(s.auth_token_file))] if s.auth_token_file else []
+    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt), server)
     health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)
     names = (
@@ -48,7 +59,7 @@ async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
     )
     reflection.enable_server_reflection(names, server)
     address = f"{rt.settings.host}:{rt.settings.port}"
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
     if port == 0:
         raise OSError(f"cannot bind gRPC to {address}")
     return server, port
@@ -57,6 +68,10 @@ async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
 async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT or engine death; return the process exit code."""
     notifier = notifier or Notifier.from_env()
+    fit = guards.preflight(settings)  # ConfigError → exit 78 (no restart loop)
+    for change in fit.changes:
+        log.warning("memory preflight: fitted to EDGEPHI_VRAM_BUDGET_GIB: %s", change)
+    settings = fit.settings
     rt = Runtime(settings, notifier)
     await rt.set_state(State.LOADING, "loading: starting")
     server, port = await build_server(rt)
@@ -102,9 +117,13 @@ async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
             await rt.set_state(State.SERVING)
             notifier.ready(f"serving {engine.info.model_name} (loaded in {load_s:.1f} s)")
             log.info("ready in %.1f s: %s", load_s, engine.info)
-            watchdog = asyncio.create_task(_watch(rt, engine, notifier))
+            tasks = [asyncio.create_task(_watch(rt, engine, notifier))]
+            watch = guards.watch_from_settings(settings)
+            if watch is not None:
+                tasks.append(asyncio.create_task(_guard_memory(rt, watch)))
             await rt.stop_requested.wait()
-            watchdog.cancel()
+            for task in tasks:
+                task.cancel()
             if rt.state is not State.DEAD:
                 notifier.stopping("draining")
                 await rt.set_state(State.DRAINING, "draining")
@@ -163,7 +182,31 @@ async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
         rt.metrics.watchdog_misses.inc()
         notifier.status(f"engine not making progress: {reason}")
 
-    await run_watchdog(liveness, notifier, tick, on_dead, on_miss)
+    await run_watchdog(liveness, notifier, tick, on_dead, on_miss, rt.status_line)
+
+
+async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:
+    """Soft limit: NOT_SERVING and RESOURCE_EXHAUSTED for new requests; hard limit: drain and exit 75."""
+
+    async def on_change(level: str, reason: str) -> None:
+        if level == guards.Level.OK:
+            log.warning("memory guard: recovered")
+            rt.guard_reason = ""
+            await rt.set_state(State.SERVING)
+            return
+        rt.metrics.guard_trips.labels(level).inc()
+        if level == guards.Level.SOFT:
+            log.warning("memory guard: soft limit: %s; shedding new requests", reason)
+            rt.guard_reason = reason
+            await rt.set_state(State.GUARDED)
+        else:
+            log.error("memory guard: hard limit: %s; draining and exiting %d for a restart", reason, EXIT_MEMORY)
+            rt.guard_reason = reason
+            rt.request_stop(EXIT_MEMORY)
+
+    pid = os.getpid()
+    await guards.run_memory_watch(watch, lambda: guards.read_memory(pid), rt.settings.memory_check_interval_s,
+                                  on_change)
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -92,7 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         first_at = last_at = 0.0
         n_tokens = 0
         try:
-            async with self.rt.admission.slot():
+            async with self.rt.admission.slot(len(gen_req.prompt_token_ids) + gen_req.sampling.max_tokens):
                 async for delta in engine.generate(gen_req, request_id):
                     if delta.token_ids:
                         now = time.perf_counter()

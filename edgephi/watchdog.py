@@ -151,6 +151,7 @@ async def run_watchdog(
     interval_s: float,
     on_dead: Callable[[str], None],
     on_miss: Callable[[str], None],
+    status: Callable[[], str] | None = None,
 ) -> None:
     """Ping systemd every ``interval_s`` while the engine is alive; call ``on_dead`` once and return if it dies.
 
@@ -161,7 +162,10 @@ async def run_watchdog(
         started = time.monotonic()
         verdict = await liveness.check()
         if verdict is Verdict.ALIVE:
-            notifier.ping()
+            if status is not None:
+                notifier.send(watchdog=1, status=status())
+            else:
+                notifier.ping()
         elif verdict is Verdict.DEAD:
             log.error("watchdog: %s", liveness.reason)
             on_dead(liveness.reason)

@@ -1,0 +1,290 @@
+"""Memory guards: fit before loading (VRAM via NVML, host RAM via psutil), and a host-RAM watch while running.
+
+Preflight model (all sizes in bytes; GiB = 2**30):
+  weights   = sum of the artifact's ``*.safetensors`` sizes (≈ what the engine keeps resident)
+  kv/token  = 2 (K and V) × layers × kv_heads × head_dim × bytes(kv dtype) — for Phi-4 in bf16:
+              2 × 40 × 10 × 128 × 2 = 204,800 B ≈ 200 KiB/token (the figure in the Phi-4 model card math)
+  overhead  = activations, CUDA graphs, allocator slack: ``RUNTIME_OVERHEAD_GIB`` (measured on the H200 with
+              the 12 GiB profile: 11.89 GiB budget − 8.51 GiB weights − 23,504 fp8 KV tokens ≈ 1.1 GiB)
+  need      = weights + overhead + kv/token × max_model_len (at least one full-context sequence)
+With a VRAM budget, :func:`fit_to_budget` keeps the requested settings if they fit, else switches the KV cache
+to fp8 (half the bytes), else shortens the context to what fits (a multiple of 1,024, at least
+``MIN_CONTEXT``), else refuses naming the shortfall and the settings that would fit.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from edgephi.config import ConfigError, Settings
+
+log = logging.getLogger(__name__)
+GiB = 2**30
+RUNTIME_OVERHEAD_GIB = 1.25
+MIN_CONTEXT = 2048
+KV_BYTES = {"auto": 2, "bfloat16": 2, "float16": 2, "fp8": 1, "fp8_e4m3": 1, "fp8_e5m2": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    weights_bytes: int
+    layers: int
+    kv_heads: int
+    head_dim: int
+
+    def kv_bytes_per_token(self, kv_cache_dtype: str) -> int:
+        return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES.get(kv_cache_dtype, 2)
+
+
+def read_shape(model_dir: Path) -> ModelShape:
+    """Shape facts from ``config.json`` and the weight files of a local artifact.
+
+    Raises:
+        ConfigError: no ``config.json`` or no weights in ``model_dir``.
+    """
+    cfg_path = model_dir / "config.json"
+    if not cfg_path.is_file():
+        raise ConfigError(f"EDGEPHI_MODEL: {model_dir} has no config.json (not a model artifact)")
+    cfg = json.loads(cfg_path.read_text())
+    weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    if weights == 0:
+        raise ConfigError(f"EDGEPHI_MODEL: {model_dir} has no *.safetensors weights")
+    heads = int(cfg["num_attention_heads"])
+    head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
+    return ModelShape(weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim)
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The outcome of preflight: settings to use and what was changed (human-readable)."""
+
+    settings: Settings
+    changes: tuple[str, ...]
+    need_bytes: int
+    budget_bytes: int | None
+
+
+def need_bytes(shape: ModelShape, kv_cache_dtype: str, context: int) -> int:
+    return shape.weights_bytes + int(RUNTIME_OVERHEAD_GIB * GiB) + shape.kv_bytes_per_token(kv_cache_dtype) * context
+
+
+def fit_to_budget(settings: Settings, shape: ModelShape, budget_gib: float) -> Fit:
+    """Fit context length and KV dtype into ``budget_gib`` of device memory (see module docstring).
+
+    Raises:
+        ConfigError: even ``MIN_CONTEXT`` tokens with an fp8 KV cache do not fit; the message names the
+            shortfall in GiB and the budget that would fit.
+    """
+    budget = int(budget_gib * GiB)
+    changes: list[str] = []
+    kv_dtype, context = settings.kv_cache_dtype, settings.max_model_len
+    if need_bytes(shape, kv_dtype, context) > budget and KV_BYTES.get(kv_dtype, 2) > 1:
+        kv_dtype = "fp8"
+        changes.append(f"kv_cache_dtype {settings.kv_cache_dtype} → fp8")
+    if need_bytes(shape, kv_dtype, context) > budget:
+        room = budget - need_bytes(shape, kv_dtype, 0)
+        fits = (room // shape.kv_bytes_per_token(kv_dtype)) // 1024 * 1024 if room > 0 else 0
+        if fits < MIN_CONTEXT:
+            short = need_bytes(shape, kv_dtype, MIN_CONTEXT) - budget
+            raise ConfigError(
+                f"memory preflight: {settings.model} needs {need_bytes(shape, kv_dtype, MIN_CONTEXT) / GiB:.2f} GiB "
+                f"(weights {shape.weights_bytes / GiB:.2f} GiB + runtime {RUNTIME_OVERHEAD_GIB} GiB + "
+                f"{MIN_CONTEXT} tokens of fp8 KV) but EDGEPHI_VRAM_BUDGET_GIB is {budget_gib:g}: short by "
+                f"{short / GiB:.2f} GiB. Fits: EDGEPHI_VRAM_BUDGET_GIB="
+                f"{math.ceil(need_bytes(shape, kv_dtype, MIN_CONTEXT) / GiB * 10) / 10:g} with "
+                f"EDGEPHI_MAX_MODEL_LEN={MIN_CONTEXT} EDGEPHI_KV_CACHE_DTYPE=fp8, or a smaller artifact"
+            )
+        changes.append(f"max_model_len {settings.max_model_len} → {fits}")
+        context = int(fits)
+    default_max = min(settings.default_max_tokens, context // 2)
+    fitted = settings.model_copy(update={"kv_cache_dtype": kv_dtype, "max_model_len": context,
+                                         "default_max_tokens": default_max})
+    return Fit(fitted, tuple(changes), need_bytes(shape, kv_dtype, context), budget)
+
+
+@dataclass(frozen=True)
+class GpuState:
+    total_bytes: int
+    free_bytes: int
+    others: tuple[str, ...]  # "pid name (GiB)" of other processes holding memory on the device
+
+
+def gpu_state(index: int = 0) -> GpuState | None:
+    """Free/total device memory and other processes on it via NVML, or None without an NVIDIA GPU/driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+        mem = pynvml.nvmlDeviceGetMemoryInfo(handle)
+        others = []
+        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+            try:
+                name = psutil.Process(proc.pid).name()
+            except psutil.Error:
+                name = "?"
+            used = (proc.usedGpuMemory or 0) / GiB
+            others.append(f"{proc.pid} {name} ({used:.1f} GiB)")
+        return GpuState(int(mem.total), int(mem.free), tuple(others))
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: int | None = None) -> Fit:
+    """Check (and with a VRAM budget, fit) the settings against device and host memory before loading.
+
+    ``gpu``/``available_ram`` default to live readings (NVML, psutil).
+
+    Raises:
+        ConfigError: the model cannot fit; the message names the shortfall and settings that would fit.
+    """
+    model = Path(settings.model)
+    if not model.is_dir():
+        return Fit(settings, (), 0, None)  # hub id: vLLM resolves it; nothing to measure up front
+    shape = read_shape(model)
+    gpu = gpu if gpu is not None else gpu_state()
+    fit = Fit(settings, (), need_bytes(shape, settings.kv_cache_dtype, settings.max_model_len), None)
+    if settings.vram_budget_gib is not None:
+        fit = fit_to_budget(settings, shape, settings.vram_budget_gib)
+        if gpu is not None:
+            util = min(0.99, settings.vram_budget_gib * GiB / gpu.total_bytes)
+            fit = Fit(fit.settings.model_copy(update={"gpu_memory_utilization": round(util, 4)}),
+                      (*fit.changes, f"gpu_memory_utilization → {util:.4f} of {gpu.total_bytes / GiB:.1f} GiB"),
+                      fit.need_bytes, fit.budget_bytes)
+    if gpu is not None:
+        want = int(fit.settings.gpu_memory_utilization * gpu.total_bytes)
+        if want > gpu.free_bytes:
+            held = f"; other processes on the GPU: {', '.join(gpu.others)}" if gpu.others else ""
+            raise ConfigError(
+                f"memory preflight: vLLM would take {want / GiB:.2f} GiB of device memory but only "
+                f"{gpu.free_bytes / GiB:.2f} GiB is free{held}. Stop them, or set EDGEPHI_VRAM_BUDGET_GIB="
+                f"{gpu.free_bytes / GiB * 0.95:.1f}"
+            )
+    available = available_ram if available_ram is not None else psutil.virtual_memory().available
+    # Host RAM: the weights pass through host memory while loading; the CPU backend also keeps KV there.
+    host_need = shape.weights_bytes + 2 * GiB
+    if gpu is None and fit.settings.kv_cache_space_gib is not None:
+        host_need += int(fit.settings.kv_cache_space_gib * GiB)
+    if host_need > available:
+        raise ConfigError(
+            f"memory preflight: loading needs about {host_need / GiB:.2f} GiB of host RAM but "
+            f"{available / GiB:.2f} GiB is available; free memory or lower EDGEPHI_KV_CACHE_SPACE_GIB"
+        )
+    return fit
+
+
+# --------------------------------------------------------------------------------------------------------
+# Runtime watch
+
+
+def tree_rss(pid: int) -> int:
+    """Resident set size in bytes of process ``pid`` and all its descendants (vLLM's engine core, workers)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.Error:
+            continue
+    return total
+
+
+@dataclass
+class MemoryReading:
+    rss_bytes: int
+    available_bytes: int
+
+
+class Level:
+    OK = "ok"
+    SOFT = "soft"
+    HARD = "hard"
+
+
+class MemoryWatch:
+    """Classifies readings against soft/hard limits with hysteresis (recover below 90 % of the soft limit).
+
+    Limits (bytes, None = off): ``soft_rss``/``hard_rss`` on the service's process tree; ``soft_available``/
+    ``hard_available`` as minimum system available memory.
+    """
+
+    RECOVER = 0.9
+
+    def __init__(self, soft_rss: int | None, hard_rss: int | None,
+                 soft_available: int | None, hard_available: int | None) -> None:
+        self.soft_rss, self.hard_rss = soft_rss, hard_rss
+        self.soft_available, self.hard_available = soft_available, hard_available
+        self.level = Level.OK
+        self.reason = ""
+
+    def classify(self, r: MemoryReading) -> str:
+        gi = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        if self.hard_rss is not None and r.rss_bytes >= self.hard_rss:
+            self.level, self.reason = Level.HARD, f"service RSS {gi(r.rss_bytes)} ≥ hard limit {gi(self.hard_rss)}"
+        elif self.hard_available is not None and r.available_bytes <= self.hard_available:
+            self.level, self.reason = (Level.HARD, f"host available {gi(r.available_bytes)} ≤ hard floor "
+                                                   f"{gi(self.hard_available)}")
+        elif self.soft_rss is not None and r.rss_bytes >= self.soft_rss:
+            self.level, self.reason = Level.SOFT, f"service RSS {gi(r.rss_bytes)} ≥ soft limit {gi(self.soft_rss)}"
+        elif self.soft_available is not None and r.available_bytes <= self.soft_available:
+            self.level, self.reason = (Level.SOFT, f"host available {gi(r.available_bytes)} ≤ soft floor "
+                                                   f"{gi(self.soft_available)}")
+        elif self.level == Level.SOFT:
+            rss_ok = self.soft_rss is None or r.rss_bytes < self.soft_rss * self.RECOVER
+            avail_ok = self.soft_available is None or r.available_bytes > self.soft_available / self.RECOVER
+            if rss_ok and avail_ok:
+                self.level, self.reason = Level.OK, ""
+        return self.level
+
+
+def watch_from_settings(settings: Settings) -> MemoryWatch | None:
+    def b(v: float | None) -> int | None:
+        return int(v * GiB) if v is not None else None
+
+    w = MemoryWatch(b(settings.memory_soft_limit_gib), b(settings.memory_hard_limit_gib),
+                    b(settings.min_available_soft_gib), b(settings.min_available_hard_gib))
+    if all(x is None for x in (w.soft_rss, w.hard_rss, w.soft_available, w.hard_available)):
+        return None
+    return w
+
+
+def read_memory(pid: int) -> MemoryReading:
+    return MemoryReading(tree_rss(pid), int(psutil.virtual_memory().available))
+
+
+async def run_memory_watch(
+    watch: MemoryWatch,
+    read: Callable[[], MemoryReading],
+    interval_s: float,
+    on_change: Callable[[str, str], object],
+) -> None:
+    """Every ``interval_s``: classify a reading; call ``on_change(level, reason)`` when the level changes."""
+    import asyncio
+
+    level = Level.OK
+    while True:
+        started = time.monotonic()
+        new = watch.classify(await asyncio.to_thread(read))
+        if new != level:
+            level = new
+            result = on_change(new, watch.reason)
+            if asyncio.iscoroutine(result):
+                await result
+        await asyncio.sleep(max(0.0, interval_s - (time.monotonic() - started)))
