@@ -592,6 +592,18 @@ class Guest:
         self.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", home,
                   "--shell", "/usr/sbin/nologin", user])  # fmt: skip
 
+    def expose_host_venv(self, venv: str | Path = _REPO / ".venv") -> str:
+        """Let non-root service users (``User=edgephi``) run the host's venv in the guest: its python
+        links into /root/.pyenv and /root is 0700, so give every ancestor directory o+x (in the
+        guest's overlay only). Returns the venv's bin/python path. The unit's ProtectHome=read-only
+        keeps /root visible; ProtectHome=yes would hide it."""
+        python = Path(venv) / "bin" / "python"
+        dirs: set[Path] = set()
+        for target in (python, python.resolve()):
+            dirs.update(p for p in target.parents if p != Path("/"))
+        self.run(["chmod", "o+x", *sorted(map(str, dirs))])
+        return str(python)
+
     def pids_of(self, unit: str) -> list[int]:
         """PIDs (as the guest numbers them) of every process in UNIT's cgroup."""
         cg = self.show(unit, "ControlGroup")

@@ -106,6 +106,16 @@ def test_nspawn_is_available_in_ci() -> None:
         pytest.skip(reason)
 
 
+def test_require_fails_in_ci_and_skips_elsewhere(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(nspawn, "available", lambda: "no systemd-nspawn (simulated)")
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="simulated"):
+        nspawn.require()
+    monkeypatch.delenv("CI")
+    with pytest.raises(pytest.skip.Exception, match="simulated"):
+        nspawn.require()
+
+
 @pytest.mark.systemd
 def test_boot(guest: nspawn.Guest) -> None:
     assert guest.boot_state == "running", guest.systemctl("--failed", check=False)

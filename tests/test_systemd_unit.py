@@ -537,3 +537,19 @@ def test_guest_watchdog_aborts_main_then_kills_the_rest(guest: nspawn.Guest) -> 
         guest.systemctl("stop", UNIT)
         guest.run(["rm", "-f", dropin])
         guest.systemctl("daemon-reload")
+
+
+@pytest.mark.systemd
+def test_guest_runs_the_repo_venv_as_edgephi(guest: nspawn.Guest) -> None:
+    """What an integration test of the real daemon needs: the unit with ExecStart= in the repo's venv."""
+    python = guest.expose_host_venv()
+    guest.install_unit(nspawn.edgephi_unit_text(f"{python} {STUB_PATH} serve"), UNIT)
+    try:
+        assert _start(guest, "serve").returncode == 0, guest.journal(UNIT)
+        assert guest.show(UNIT, "StatusText") == "serving (stub)"
+        rep = json.loads(guest.read_file("/var/lib/edgephi/report.json"))
+        assert rep["user"] == "edgephi"
+        assert guest.run(["readlink", "-f", f"/proc/{guest.show(UNIT, 'MainPID')}/exe"]).stdout.startswith("/root/")
+    finally:
+        guest.systemctl("stop", UNIT)
+        guest.install_unit(nspawn.edgephi_unit_text(f"{STUB_PATH} serve"), UNIT)
