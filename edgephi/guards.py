@@ -219,13 +219,14 @@ class Level:
 
 
 class MemoryWatch:
-    """Classifies readings against soft/hard limits with hysteresis (recover below 90 % of the soft limit).
+    """Classifies readings against soft/hard limits with hysteresis: a soft trip clears only once the reading
+    is ``RECOVER_MARGIN`` (256 MiB) back on the safe side, so a reading hovering at the limit does not flap.
 
     Limits (bytes, None = off): ``soft_rss``/``hard_rss`` on the service's process tree; ``soft_available``/
     ``hard_available`` as minimum system available memory.
     """
 
-    RECOVER = 0.9
+    RECOVER_MARGIN = 256 * 2**20
 
     def __init__(self, soft_rss: int | None, hard_rss: int | None,
                  soft_available: int | None, hard_available: int | None) -> None:
@@ -247,8 +248,8 @@ class MemoryWatch:
             self.level, self.reason = (Level.SOFT, f"host available {gi(r.available_bytes)} ≤ soft floor "
                                                    f"{gi(self.soft_available)}")
         elif self.level == Level.SOFT:
-            rss_ok = self.soft_rss is None or r.rss_bytes < self.soft_rss * self.RECOVER
-            avail_ok = self.soft_available is None or r.available_bytes > self.soft_available / self.RECOVER
+            rss_ok = self.soft_rss is None or r.rss_bytes < self.soft_rss - self.RECOVER_MARGIN
+            avail_ok = self.soft_available is None or r.available_bytes > self.soft_available + self.RECOVER_MARGIN
             if rss_ok and avail_ok:
                 self.level, self.reason = Level.OK, ""
         return self.level
