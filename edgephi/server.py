@@ -39,16 +39,15 @@ DEFAULT_TICK_S = 5.0
 EXIT_ENGINE_DEAD = 1
 
 
-async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
+async def build_server(
+    rt: Runtime, creds: grpc.ServerCredentials | None, token: bytes | None
+) -> tuple[grpc.aio.Server, int]:
     """Create the grpc.aio server with our service, health and reflection; bind; return it and its port.
 
     Raises:
-        ConfigError: bad TLS or token settings (checked before binding).
         OSError: the address cannot be bound.
     """
-    s = rt.settings
-    creds = server_credentials(s)
-    interceptors = [BearerTokenInterceptor(read_token(s.auth_token_file))] if s.auth_token_file else []
+    interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt), server)
     health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)
@@ -68,13 +67,16 @@ async def build_server(rt: Runtime) -> tuple[grpc.aio.Server, int]:
 async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     """Run the daemon until SIGTERM/SIGINT or engine death; return the process exit code."""
     notifier = notifier or Notifier.from_env()
+    # Configuration checks, all before anything starts (ConfigError → exit 78): security, then memory.
+    creds = server_credentials(settings)
+    token = read_token(settings.auth_token_file) if settings.auth_token_file else None
     fit = guards.preflight(settings)  # ConfigError → exit 78 (no restart loop)
     for change in fit.changes:
         log.warning("memory preflight: fitted to EDGEPHI_VRAM_BUDGET_GIB: %s", change)
     settings = fit.settings
     rt = Runtime(settings, notifier)
     await rt.set_state(State.LOADING, "loading: starting")
-    server, port = await build_server(rt)
+    server, port = await build_server(rt, creds, token)
     await server.start()
     log.info("gRPC listening on %s:%d", settings.host, port)
     metrics_port = None
