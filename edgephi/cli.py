@@ -65,6 +65,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("text")
     _add_conn(t)
 
+    dr = sub.add_parser("doctor", help="say whether this box can serve, and why not")
+    dr.add_argument("--env-file", type=Path, default=os.environ.get("EDGEPHI_ENV_FILE"))
+    dr.add_argument("--cpu-only", action="store_true", help="skip GPU checks (vLLM CPU backend)")
+
     d = sub.add_parser("devmodel", help="build the tiny Phi-4 stand-in (and its 4-bit artifact); print path")
     d.add_argument("--cache-dir", type=Path, default=None)
     d.add_argument("--bf16", action="store_true", help="print the bf16 checkpoint instead of the 4-bit one")
@@ -84,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "devmodel":
             return _devmodel(args)
+        if args.command == "doctor":
+            return _doctor(args)
         return _client_command(args)
     except KeyboardInterrupt:
         return 130
@@ -123,6 +129,17 @@ def _devmodel(args: argparse.Namespace) -> int:
     bf16, w4 = build_dev_artifact(args.cache_dir, args.iters)
     print(bf16 if args.bf16 else w4)
     return 0
+
+
+def _doctor(args: argparse.Namespace) -> int:
+    from edgephi.doctor import run_checks
+
+    checks = run_checks(args.env_file, args.cpu_only)
+    for check in checks:
+        print(check.line())
+    failed = [c.name for c in checks if c.ok is False]
+    print("can serve" if not failed else f"cannot serve: {', '.join(failed)}")
+    return 1 if failed else 0
 
 
 def _client_command(args: argparse.Namespace) -> int:
