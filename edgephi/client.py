@@ -103,11 +103,10 @@ class Client:
         return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))
 
     def model_info(self, timeout: float = 10.0) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(),
-            timeout=timeout,  # type: ignore[no-any-return]
-            metadata=self.conn.metadata(),
+        resp: pb.GetModelInfoResponse = self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=timeout, metadata=self.conn.metadata()
         )
+        return resp
 
     def count_tokens(self, text: str, timeout: float = 10.0) -> int:
         resp = self.stub.CountTokens(pb.CountTokensRequest(text=text), timeout=timeout, metadata=self.conn.metadata())

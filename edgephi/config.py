@@ -125,7 +125,7 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
     if env_file is not None and not env_file.is_file():
         raise ConfigError(f"env file {env_file} does not exist (set --env-file or EDGEPHI_ENV_FILE)")
     try:
-        return Settings(_env_file=env_file, **overrides)  # type: ignore[call-arg]
+        return Settings(_env_file=env_file, **overrides)
     except ValidationError as exc:
         problems = []
         extras = []

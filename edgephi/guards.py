@@ -236,7 +236,9 @@ class MemoryWatch:
         self.reason = ""
 
     def classify(self, r: MemoryReading) -> str:
-        gi = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
+        def gi(b: int) -> str:
+            return f"{b / GiB:.2f} GiB"
+
         if self.hard_rss is not None and r.rss_bytes >= self.hard_rss:
             self.level, self.reason = Level.HARD, f"service RSS {gi(r.rss_bytes)} ≥ hard limit {gi(self.hard_rss)}"
         elif self.hard_available is not None and r.available_bytes <= self.hard_available:

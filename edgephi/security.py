@@ -42,7 +42,7 @@ def read_token(path: Path) -> bytes:
     return raw
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Rejects calls without ``authorization: Bearer <token>`` with ``UNAUTHENTICATED`` (health exempt)."""
 
     def __init__(self, token: bytes) -> None:
@@ -50,9 +50,9 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
         details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> grpc.RpcMethodHandler[Any, Any]:
         method = details.method or ""
         if method.startswith(OPEN_SERVICES):
             return await continuation(details)
@@ -66,7 +66,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         return _deny(method, "missing bearer token" if not given else "invalid bearer token")
 
 
-def _deny(method: str, reason: str) -> grpc.RpcMethodHandler:
+def _deny(method: str, reason: str) -> grpc.RpcMethodHandler[Any, Any]:
     async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 

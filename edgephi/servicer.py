@@ -13,24 +13,24 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import grpc
 
 from edgephi import convert
 from edgephi.admission import Overloaded
 from edgephi.convert import InvalidArgument
-from edgephi.engine import EngineDeadError, GenerationRequest
+from edgephi.engine import Engine, EngineDeadError, GenerationRequest
 from edgephi.runtime import Runtime, StreamEnd
 from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 Resp = TypeVar("Resp", pb.GenerateResponse, pb.ChatResponse)
-Ctx = grpc.aio.ServicerContext  # type: ignore[type-arg]
+Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-class InferenceServicer(pb_grpc.InferenceServiceServicer):
+class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     """Implements the public API over a :class:`Runtime` (engine + admission + lifecycle)."""
 
     def __init__(self, runtime: Runtime) -> None:
@@ -74,7 +74,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         self,
         method: str,
         request: object,
-        context: grpc.aio.ServicerContext,  # type: ignore[type-arg]
+        context: Ctx,
         parse: Callable[..., GenerationRequest],
         response_type: type[Resp],
     ) -> AsyncIterator[Resp]:
@@ -124,18 +124,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                 self.rt.metrics.tpot.observe((last_at - first_at) / (n_tokens - 1))
         self.rt.metrics.requests.labels(method, "OK").inc()
 
-    async def _engine_or_abort(self, context: grpc.aio.ServicerContext, method: str):  # type: ignore[no-untyped-def,type-arg]
+    async def _engine_or_abort(self, context: Ctx, method: str) -> Engine:
         engine = self.rt.engine
         if engine is None or not self.rt.accepting:
             await self._abort(
                 context, method, grpc.StatusCode.UNAVAILABLE, f"not serving: {self.rt.state.value}; retry later"
             )
+        assert engine is not None  # context.abort raised otherwise
         return engine
 
     async def _abort(
         self,
-        context: grpc.aio.ServicerContext,
-        method: str,  # type: ignore[type-arg]
+        context: Ctx,
+        method: str,
         code: grpc.StatusCode,
         message: str,
     ) -> None:
