@@ -32,7 +32,8 @@ def test_env_and_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 def test_unknown_env_var_is_named_with_suggestion(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("EDGEPHI_MAX_CONCURENT_STREAMS", "4")
-    with pytest.raises(ConfigError, match="EDGEPHI_MAX_CONCURENT_STREAMS.*did you mean EDGEPHI_MAX_CONCURRENT_STREAMS"):
+    expected = r"EDGEPHI_MAX_CONCURENT_STREAMS.*did you mean EDGEPHI_MAX_CONCURRENT_STREAMS\?"
+    with pytest.raises(ConfigError, match=expected):
         load_settings()
 
 
