@@ -211,12 +211,12 @@ def test_rollout_stops_after_first_failed_box(tmp_path: Path) -> None:
 # the real run against a systemd-nspawn guest
 
 
-def _pack_artifact(src: Path, www: Path, name: str) -> tuple[Path, str]:
-    """``www/NAME.tar.gz``: the artifact's files plus a manifest.json (path, size, sha256 of each file), under
-    one top directory NAME/. Returns the archive and its sha256."""
+def _pack_artifact(src: Path, www: Path, name: str, skip_suffix: str | None = None) -> tuple[Path, str]:
+    """``www/NAME.tar.gz``: the artifact's files (less those ending in SKIP_SUFFIX) plus a manifest.json (path,
+    size, sha256 of each file), under one top directory NAME/. Returns the archive and its sha256."""
     files = []
     for p in sorted(src.rglob("*")):
-        if p.is_file() and p.name != "manifest.json":
+        if p.is_file() and p.name != "manifest.json" and not (skip_suffix and p.name.endswith(skip_suffix)):
             files.append({"path": str(p.relative_to(src)), "size": p.stat().st_size,
                           "sha256": hashlib.sha256(p.read_bytes()).hexdigest()})  # fmt: skip
     manifest = json.dumps({"name": name, "format": "edgephi-artifact/1", "files": files}, indent=2).encode()
@@ -272,6 +272,7 @@ class Provisioned:
     vars_file: Path
     token_path: Path
     www: Path
+    artifact_src: Path
     runs: dict[str, PlaybookRun] = field(default_factory=dict)
 
     def run(self, label: str, *args: str, extra: dict[str, Any] | None = None) -> PlaybookRun:
@@ -280,7 +281,9 @@ class Provisioned:
             cli += ["-e", json.dumps(extra)]
         r = playbook(self.inventory, self.tmp, *cli, *args)
         self.runs[label] = r
-        print(f"\n[ansible] {label}: rc {r.rc}, {r.seconds:.1f} s, recap {r.recap}")
+        (self.tmp / f"run-{len(self.runs)}.log").write_text(r.output)
+        slowest = r.output.split("TASKS RECAP", 1)[-1].splitlines()[3:9]
+        print(f"\n[ansible] {label}: rc {r.rc}, {r.seconds:.1f} s, recap {r.recap}; slowest:\n" + "\n".join(slowest))
         return r
 
     def props(self) -> dict[str, str]:
@@ -344,7 +347,7 @@ def provisioned(artifact: Path, tmp_path_factory: pytest.TempPathFactory,
                 "edgephi_drain_grace_s": 3,
                 "edgephi_verify_delay_s": 2,
             }))  # fmt: skip
-            p = Provisioned(g, inventory, tmp, vars_file, token_path, www)
+            p = Provisioned(g, inventory, tmp, vars_file, token_path, www, artifact.resolve())
             try:
                 yield p
             finally:
@@ -357,9 +360,10 @@ def provisioned(artifact: Path, tmp_path_factory: pytest.TempPathFactory,
     lines += [f"  {label:<40} {r.seconds:6.1f} s  rc {r.rc}" for label, r in p.runs.items()]
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
     for line in lines:
-        print(line)
         if reporter is not None:
             reporter.write_line(line)
+        else:
+            print(line)
 
 
 @pytest.fixture(scope="module")
@@ -459,5 +463,29 @@ def test_wrong_sha256_fails_at_fetch_and_previous_artifact_keeps_serving(
     after = p.props()
     assert after["ActiveState"] == "active" and after["MainPID"] == before["MainPID"], (before, after)
     assert p.current() == f"{STORE}/tiny-a"
+    reply = p.reply()
+    assert reply["health"] == "SERVING" and reply["completion_tokens"] == 8, reply
+
+
+@pytest.mark.systemd
+@pytest.mark.slow
+def test_artifact_that_fails_to_serve_is_rolled_back(provisioned: Provisioned, first_run: PlaybookRun) -> None:
+    """A new artifact that verifies (its manifest matches) but cannot be served (no weights): the switch to it
+    fails the restart, current goes back to the previous artifact, the service restarts on it and serves."""
+    assert first_run.rc == 0, "first run failed"
+    p = provisioned
+    _archive, digest = _pack_artifact(p.artifact_src, p.www, "tiny-hollow", skip_suffix=".safetensors")
+    r = p.run("artifact without weights (rollback)", extra={
+        "edgephi_model_name": "tiny-hollow",
+        "edgephi_fetch_url": f"http://127.0.0.1:{HTTP_PORT}/tiny-hollow.tar.gz",
+        "edgephi_fetch_sha256": digest,
+    })  # fmt: skip
+    assert r.rc != 0, r.tail()
+    assert "Run | Make the artifact current (edgephi models use)" in r.tasks("changed"), r.events
+    assert "Run | Put the previous artifact back" in r.tasks("changed"), (r.events, r.tail())
+    assert "switched back to" in r.output, r.tail()
+    assert p.current() == f"{STORE}/tiny-a"
+    props = p.props()
+    assert props["ActiveState"] == "active", props
     reply = p.reply()
     assert reply["health"] == "SERVING" and reply["completion_tokens"] == 8, reply
