@@ -1,5 +1,6 @@
 # edgephi: run tasks inside a booted systemd-nspawn guest through nsenter (tests, local try-outs).
 # SPDX-License-Identifier: Apache-2.0
+# ruff: noqa: E402  (Ansible plugins put DOCUMENTATION before the imports)
 """Connection plugin ``nspawn``: commands and files go into a running systemd-nspawn guest through ``nsenter``.
 
 community.general has no nspawn connection, and ``machinectl``/``systemd-run --machine`` need systemd-machined
@@ -117,7 +118,10 @@ class Connection(ConnectionBase):
         display.vvvv(f"NSPAWN EXEC {argv}", host=self.get_option("remote_addr"))
         return subprocess.Popen(
             [to_bytes(a, errors="surrogate_or_strict") for a in argv],
-            stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_GUEST_ENV,
+            stdin=stdin,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=_GUEST_ENV,
         )
 
     def exec_command(self, cmd, in_data=None, sudoable=True):
