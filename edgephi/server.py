@@ -176,7 +176,9 @@ async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
         rt.state = State.DEAD
         ended = rt.end_streams(StreamEnd.ENGINE_DEAD, reason)
         log.error("engine dead (%s): ended %d open stream(s); exiting %d", reason, ended, EXIT_ENGINE_DEAD)
-        notifier.status(f"engine dead: {reason}")
+        # STOPPING=1: we are exiting (1, for a restart); without it systemd's watchdog, no longer pinged,
+        # can SIGABRT us during the engine shutdown and record Result=watchdog instead of exit-code.
+        notifier.stopping(f"engine dead: {reason}")
         asyncio.get_running_loop().create_task(rt.set_state(State.DEAD))
         rt.request_stop(EXIT_ENGINE_DEAD)
 
