@@ -194,23 +194,40 @@ def test_unit_comes_from_systemd_dir() -> None:
         assert link.resolve() == (REPO / "systemd" / name).resolve()
 
 
-def test_rollout_stops_after_first_failed_box(tmp_path: Path) -> None:
-    """serial [1, 25%, 100%] + max_fail_percentage 0: the first box fails its preflight, the second is never
-    touched (not even its facts gathered). Both "boxes" are this machine through the local connection; the
-    preflight only reads."""
-    inv = tmp_path / "fleet.yml"
+def _fleet(tmp: Path, hosts: dict[str, dict[str, Any]]) -> Path:
+    """An inventory of "boxes" that are all this machine through the local connection (they only read)."""
+    base = {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3", "edgephi_cpu_only": True}
+    inv = tmp / "fleet.yml"
     inv.write_text(yaml.safe_dump({"all": {"children": {"edgephi": {"hosts": {
-        # A bad release on the first box: a profile that contradicts cpu-only mode fails the preflight.
-        "box-1": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
-                  "edgephi_cpu_only": True, "edgephi_profile": "12gb"},
-        "box-2": {"ansible_connection": "local", "ansible_python_interpreter": "/usr/bin/python3",
-                  "edgephi_cpu_only": True},
-    }}}}}))  # fmt: skip
+        name: {**base, **extra} for name, extra in hosts.items()}}}}}))  # fmt: skip
+    return inv
+
+
+def test_rollout_stops_after_first_failed_box(tmp_path: Path) -> None:
+    """site.yml's default serial [1, 25%, 100%]: the first box alone; it fails (its preflight), so the rest of
+    the fleet is never touched, not even its facts gathered."""
+    play = yaml.safe_load((ANSIBLE_DIR / "site.yml").read_text())[0]
+    assert play["serial"].startswith("{{ edgephi_rollout_serial | default([1,"), play["serial"]
+    inv = _fleet(tmp_path, {"box-1": {"edgephi_profile": "12gb"}, "box-2": {}, "box-3": {}})
     run = playbook(inv, tmp_path, "--tags", "edgephi_preflight", timeout=180)
     assert run.rc != 0, run.tail()
     assert run.recap.get("box-1", {}).get("failed") == 1, run.tail()
-    assert "box-2" not in run.recap, run.tail()
-    assert not [e for e in run.events if e[2] == "box-2"], run.tail()
+    assert set(run.recap) == {"box-1"}, run.tail()
+    assert not [e for e in run.events if e[2] != "box-1"], run.tail()
+
+
+def test_rollout_failure_threshold_stops_before_next_batch(tmp_path: Path) -> None:
+    """max_fail_percentage 0: one failed box in a batch of two stops the rollout before the next batch (with
+    a threshold above 50 % the next batch would run). Only the role's argument validation runs (no tag
+    matches a task): box-1's invalid edgephi_port fails it, box-2 passes it."""
+    inv = _fleet(tmp_path, {"box-1": {"edgephi_port": "not-a-port"}, "box-2": {}, "box-3": {}})
+    serial = ["-e", json.dumps({"edgephi_rollout_serial": [2, "100%"]}), "--tags", "edgephi_no_such_tag"]
+    run = playbook(inv, tmp_path, *serial, timeout=180)
+    assert run.rc != 0, run.tail()
+    assert run.recap.get("box-1", {}).get("failed") == 1 and run.recap.get("box-2", {}).get("failed") == 0, run.tail()
+    assert "box-3" not in run.recap, run.tail()
+    lenient = playbook(inv, tmp_path, *serial, "-e", "edgephi_rollout_max_fail_percentage=60", timeout=180)
+    assert lenient.recap.get("box-3", {}).get("failed") == 0, lenient.tail()
 
 
 # --------------------------------------------------------------------------------------------------
