@@ -6,6 +6,7 @@ Every check raises :class:`InvalidArgument` naming the offending field by its pr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -196,7 +197,7 @@ def chat_request(req: pb.ChatRequest, tokenizer: Tokenizer, limits: Limits) -> G
     ids = tokenizer.render_chat(chat_messages(req.messages))
     sampling = sampling_from_proto(req.sampling, len(ids), limits)
     if tokenizer.end_of_turn_id is not None:
-        sampling = Sampling(**{**sampling.__dict__, "stop_token_ids": (tokenizer.end_of_turn_id,)})
+        sampling = dataclasses.replace(sampling, stop_token_ids=(tokenizer.end_of_turn_id,))
     return GenerationRequest(tuple(ids), sampling)
 
 

@@ -178,7 +178,7 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         streams = [_long(c) for _ in range(MAX_STREAMS + MAX_QUEUED)]
         for s in streams[:MAX_STREAMS]:
             next(s)  # running: first token received
-        assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED
+        assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED, daemon.metrics()
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             list(_long(c))
