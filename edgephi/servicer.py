@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -36,13 +36,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
 
-    async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> AsyncIterator[pb.GenerateResponse]:
-        async for msg in self._stream("Generate", request, context, convert.generate_request, pb.GenerateResponse):
-            yield msg
+    # The streaming methods are coroutines that call context.write(), not async generators: a server-side
+    # end (drain past grace, engine death) cancels the handler task, and with a generator that cancel can
+    # land in grpc's own send, outside our code, leaving the RPC without a status until the server stops.
+    async def Generate(self, request: pb.GenerateRequest, context: Ctx) -> None:
+        await self._stream("Generate", request, context, convert.generate_request, pb.GenerateResponse)
 
-    async def Chat(self, request: pb.ChatRequest, context: Ctx) -> AsyncIterator[pb.ChatResponse]:
-        async for msg in self._stream("Chat", request, context, convert.chat_request, pb.ChatResponse):
-            yield msg
+    async def Chat(self, request: pb.ChatRequest, context: Ctx) -> None:
+        await self._stream("Chat", request, context, convert.chat_request, pb.ChatResponse)
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Ctx) -> pb.CountTokensResponse:
         engine = await self._engine_or_abort(context, "CountTokens")
@@ -77,7 +78,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         context: Ctx,
         parse: Callable[..., GenerationRequest],
         response_type: type[Resp],
-    ) -> AsyncIterator[Resp]:
+    ) -> None:
         received = time.perf_counter()
         engine = await self._engine_or_abort(context, method)
         try:
@@ -104,7 +105,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                         self.rt.tokens_generated += len(delta.token_ids)
                     msg = response_type()
                     convert.fill_response(msg, delta)
-                    yield msg
+                    await context.write(msg)
         except Overloaded as exc:
             await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
