@@ -410,12 +410,9 @@ def provisioned(artifact: Path, tmp_path_factory: pytest.TempPathFactory,
             http.wait(10)
     lines = [f"ansible provisioning of a systemd-nspawn guest: module total {time.monotonic() - t0:.0f} s"]
     lines += [f"  {label:<40} {r.seconds:6.1f} s  rc {r.rc}" for label, r in p.runs.items()]
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    for line in lines:
-        if reporter is not None:
-            reporter.write_line(line)
-        else:
-            print(line)
+    capman = request.config.pluginmanager.get_plugin("capturemanager")  # print past pytest's capture
+    with capman.global_and_fixture_disabled() if capman is not None else contextlib.nullcontext():
+        print("\n" + "\n".join(lines))
 
 
 @pytest.fixture(scope="module")
