@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.edgephi-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint typecheck proto bench bench-gpu clean
+.PHONY: venv demo test lint typecheck proto bench ansible-deps lint-ansible test-ansible clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,17 @@ typecheck: venv
 
 bench: venv
 	$(PY) benchmarks/bench_serving.py
+
+# ansible/: its own virtualenv (ansible 12 / core 2.19, ansible-lint, yamllint) plus nftables; see ansible/README.md
+ansible-deps:
+	bash scripts/ci-ansible-deps.sh
+
+lint-ansible: ansible-deps
+	cd ansible && .venv/bin/yamllint -s . && .venv/bin/ansible-lint --nocolor && \
+		.venv/bin/ansible-playbook -i inventory/example site.yml --syntax-check
+
+test-ansible: venv ansible-deps
+	$(PY) -m pytest tests/test_ansible.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build dist edgephi/v1/*_pb2*.py*

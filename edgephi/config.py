@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     kv_cache_dtype: str = Field("auto", description="KV-cache dtype passed to vLLM (auto, fp8, ...).")
     gpu_memory_utilization: float = Field(0.90, gt=0.0, le=1.0, description="vLLM's device-memory share.")
     kv_cache_space_gib: float | None = Field(
-        None, gt=0, description="CPU backend only: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE)."
+        None, gt=0, description="KV-cache size in GiB (vLLM kv_cache_memory_bytes); unset = vLLM profiles it."
     )
     max_num_batched_tokens: int | None = Field(None, gt=0, description="vLLM scheduler token budget/step.")
     enforce_eager: bool = Field(False, description="Disable CUDA graphs / torch.compile (faster start).")

@@ -30,8 +30,10 @@ def test_phi4_kv_bytes_per_token_matches_model_card_math() -> None:
 
 def test_fit_keeps_settings_that_fit() -> None:
     fit = guards.fit_to_budget(Settings(max_model_len=4096), PHI4, 16.0)
-    assert fit.changes == ()
+    assert [c for c in fit.changes if not c.startswith("kv_cache_space_gib")] == []
     assert fit.settings.max_model_len == 4096 and fit.settings.kv_cache_dtype == "auto"
+    # The KV cache is pinned to what the budget leaves after weights and runtime overhead.
+    assert fit.settings.kv_cache_space_gib == pytest.approx(16.0 - 8.5 - guards.RUNTIME_OVERHEAD_GIB, abs=1e-3)
 
 
 def test_fit_12gib_switches_to_fp8_and_keeps_full_context() -> None:
