@@ -1,5 +1,6 @@
 """``edgephi`` command line: the daemon (``serve``), clients (``generate``, ``chat``, ``health``, ``info``,
-``count-tokens``) and the dev model (``devmodel``).
+``count-tokens``), the dev model (``devmodel``) and the artifact store (``quantize``, ``fetch``, ``verify``,
+``models``).
 
 Exit codes: 0 ok; 1 runtime failure (engine died, RPC failed); 2 usage error; 78 configuration error.
 """
@@ -73,6 +74,11 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--cache-dir", type=Path, default=None)
     d.add_argument("--bf16", action="store_true", help="print the bf16 checkpoint instead of the 4-bit one")
     d.add_argument("--iters", type=int, default=32, help="auto-round iterations for the 4-bit artifact")
+
+    # the artifact store: quantize, fetch, verify, models (edgephi/artifacts/commands.py)
+    from edgephi.artifacts.commands import add_parsers as add_artifact_parsers
+
+    add_artifact_parsers(sub)
     return ap
 
 
@@ -90,6 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             return _devmodel(args)
         if args.command == "doctor":
             return _doctor(args)
+        if args.command in ("quantize", "fetch", "verify", "models"):
+            from edgephi.artifacts import commands
+
+            return commands.run(args)
         return _client_command(args)
     except KeyboardInterrupt:
         return 130

