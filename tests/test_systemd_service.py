@@ -39,6 +39,8 @@ import psutil
 import pytest
 
 from edgephi.client import Client, Connection, sampling
+from edgephi.v1 import inference_pb2 as pb
+from edgephi.v1 import inference_pb2_grpc as pb_grpc
 
 try:
     from tests import nspawn
@@ -53,11 +55,11 @@ ENV_FILE = "/etc/edgephi/edgephi.env"
 DROPIN = "/etc/systemd/system/edgephi.service.d/50-test.conf"
 WATCHDOG_S = 8
 RESTART_S = 1
-GRACE_S = 1.5  # the long stream (1900 tokens) needs well over this even on an idle box
-SHORT_TOKENS = 64  # well within the grace, still generating when the stop comes (usually)
+GRACE_S = 2.0
+SHORT_TOKENS = 200  # more than a 1 KiB flow-control window holds; generated well within the grace
 LOAD_TIMEOUT_S = 300.0
 REPEATS = max(1, int(os.environ.get("EDGEPHI_SYSTEMD_REPEATS", "2")))
-LONG_TOKENS = 1900  # prompt + this stays under EDGEPHI_MAX_MODEL_LEN=2048; ~3-6 s on 2 cores
+LONG_TOKENS = 1900  # prompt + this stays under EDGEPHI_MAX_MODEL_LEN=2048; ~1-6 s on 2 cores
 FIRST_TOKEN_MAX_S = 0.5  # a first token later than this: the client was starved, the stream may be done
 
 DROPIN_TEXT = f"""\
@@ -503,13 +505,19 @@ def test_sigkill_main_leaves_nothing_and_restarts(svc: Service, round_: int) -> 
 
 @pytest.mark.parametrize("round_", range(1, REPEATS + 1))
 def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
+    """Both streams read by a slow client (a 1 KiB HTTP/2 window, no BDP growth): the server can send only
+    ~1 KiB ahead, so each stream is certainly still in flight at SIGTERM whatever the engine's speed. The
+    short one is read as soon as the stop has begun and completes within the grace; the long one is left
+    unread until after the grace, so the drain must cut it."""
     svc.ensure_serving()
     old = svc.procs()
     results: dict[str, dict[str, Any]] = {"short": {}, "long": {}}
+    stopping, grace_over = threading.Event(), threading.Event()
 
-    def consume(name: str, stream: Any, first: Any) -> None:
+    def consume(name: str, stream: Any, first: Any, go: threading.Event) -> None:
         out = results[name]
         msgs = [first]
+        go.wait(GRACE_S + 60)
         try:
             for m in stream:
                 msgs.append(m)
@@ -518,19 +526,40 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
         out["msgs"] = msgs
         out["ended"] = time.monotonic()
 
-    with svc.client() as c:
-        long, long_first = _open_long_stream(c, "Once upon a time")
-        short = c.generate("Twice upon a time", sampling(max_tokens=SHORT_TOKENS, ignore_eos=True), timeout=120)
-        threads = [threading.Thread(target=consume, args=("long", long, long_first)),
-                   threading.Thread(target=consume, args=("short", short, next(short)))]  # fmt: skip
-        t0 = time.monotonic()
+    stop_result: list[Any] = []
+
+    def stop() -> None:
+        stop_result.append(svc.guest.run(["systemctl", "stop", UNIT], check=False, timeout=GRACE_S + 60))
+        stop_result.append(time.monotonic())
+
+    slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+    with grpc.insecure_channel(f"127.0.0.1:{svc.port}", options=slow) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+
+        def generate(prompt: str, n: int) -> Any:
+            opts = sampling(max_tokens=n, ignore_eos=True)
+            return stub.Generate(pb.GenerateRequest(text=prompt, sampling=opts), timeout=120)
+
+        long, short = generate("Once upon a time", LONG_TOKENS), generate("Twice upon a time", SHORT_TOKENS)
+        threads = [threading.Thread(target=consume, args=("long", long, next(long), grace_over)),
+                   threading.Thread(target=consume, args=("short", short, next(short), stopping))]  # fmt: skip
         for t in threads:
             t.start()
-        r = svc.guest.run(["systemctl", "stop", UNIT], check=False, timeout=GRACE_S + 60)
-        stop_s = time.monotonic() - t0
+        stopper = threading.Thread(target=stop)
+        t0 = time.monotonic()
+        stopper.start()
+        # SIGTERM goes out as the unit enters deactivating (stop-sigterm)
+        svc.guest.wait_for(lambda: svc.props("ActiveState")["ActiveState"] != "active", 10, interval=0.02)
+        t_term = time.monotonic()
+        stopping.set()
+        time.sleep(max(0.0, t_term + GRACE_S + 0.5 - time.monotonic()))
+        grace_over.set()
+        stopper.join(GRACE_S + 60)
         for t in threads:
             t.join(30)
+    r, stopped_at = stop_result
     assert r.returncode == 0, r.stderr
+    stop_s = stopped_at - t0
 
     short_r, long_r = results["short"], results["long"]
     assert "error" not in short_r, short_r
@@ -540,8 +569,12 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     assert isinstance(error, grpc.RpcError), long_r.keys()
     assert error.code() == grpc.StatusCode.UNAVAILABLE, error
     assert "drain" in (error.details() or ""), error.details()
-    long_ended = long_r["ended"] - t0
-    assert GRACE_S - 0.5 <= long_ended < GRACE_S + 6, long_ended  # let run for the grace, then ended
+    assert len(long_r["msgs"]) < LONG_TOKENS  # cut, not finished
+    logged = svc.messages_since(t0)
+    cut = [ts for ts, m in logged if "drain: aborted 1 stream(s)" in m]
+    assert len(cut) == 1, [m for _, m in logged if "drain" in m]
+    assert GRACE_S - 0.3 <= cut[0] - t_term <= GRACE_S + 3, cut[0] - t_term  # at the grace, not before
+    assert short_r["ended"] < cut[0]  # the short one completed within the grace
     assert stop_s < GRACE_S + 15, stop_s
 
     p = svc.props("ActiveState", "SubState", "Result", "ExecMainStatus")
@@ -550,5 +583,9 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     _assert_gone(old, timeout=1)
     assert not [q for q in _procs(svc.guest.host_pids()) if q.is_vllm]
     _figure("systemctl stop (2 streams open) -> stopped", stop_s)
-    _figure("systemctl stop -> long stream UNAVAILABLE (drain)", long_ended)
-    _figure("systemctl stop -> short stream finished OK", short_r["ended"] - t0)
+    _figure("SIGTERM -> short stream finished OK", short_r["ended"] - t_term)
+    _figure("SIGTERM -> long stream cut by the drain (journal)", cut[0] - t_term)
+    exited = next((ts for ts, m in logged if "edgephi.server: stopped (exit 0)" in m), None)
+    if exited is not None:
+        _figure("  stop: drain cut -> daemon's 'stopped (exit 0)'", exited - cut[0])
+        _figure("  stop: 'stopped (exit 0)' -> unit stopped", stopped_at - exited)
