@@ -487,10 +487,10 @@ def _perplexity(model: Any, token_ids: Sequence[int], seq_len: int) -> float:
 def heldout_perplexity(model_dir: Path, max_tokens: int = 8192, seq_len: int = 128) -> float:
     """Perplexity (per token, >= 1) of the bf16 checkpoint in ``model_dir`` on held-out stdlib docstrings.
 
-    Uses transformers on CPU (float32 compute). ``max_tokens`` caps the text scored (the held-out documents, each followed by
-    ``<|endoftext|>``), scored in consecutive windows of ``seq_len`` tokens; the defaults are what
-    :func:`build` records as ``heldout_perplexity_bf16`` for the default spec. Uniform guessing scores the
-    vocabulary size. Raises OSError if ``model_dir`` is not a checkpoint.
+    Uses transformers on CPU (float32 compute). ``max_tokens`` caps the text scored (the held-out documents,
+    each followed by ``<|endoftext|>``), scored in consecutive windows of ``seq_len`` tokens; the defaults are
+    what :func:`build` records as ``heldout_perplexity_bf16`` for the default spec. Uniform guessing scores
+    the vocabulary size. Raises OSError if ``model_dir`` is not a checkpoint.
     """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -606,7 +606,12 @@ def build(cache_root: Path | None = None, spec: TinySpec = TinySpec()) -> Path:
             logger.info("building %s in %s", name, root)
             _build_into(tmp, spec)
             os.chmod(tmp, 0o755)  # mkdtemp made it 0700; the checkpoint is meant to be shared (e.g. a service user)
-            os.rename(tmp, final)
+            try:
+                os.rename(tmp, final)
+            except OSError:
+                if not final.is_dir():  # not "someone put it there meanwhile" (bypassing the lock)
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
