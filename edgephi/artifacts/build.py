@@ -287,6 +287,7 @@ def calibration_texts(files: Sequence[Path] = (), *, local_corpus: bool = True) 
 
 def _source_section(src: Path, model: str | None, revision: str | None) -> dict[str, Any]:
     """Where the artifact came from: the model id/path, its revision, and a digest of its files."""
+    logger.info("hashing the source files of %s (for the manifest)", src)
     if revision is None:
         m = re.search(r"/snapshots/([0-9a-f]{40})(?:/|$)", str(src.resolve()))
         revision = m.group(1) if m else None

@@ -410,6 +410,19 @@ def fetch(
         listed = mf.load(tree)["files"]
         store.require_free(sum(int(e["size"]) for e in listed) + _MARGIN, f"copying {source}")
 
+    try:
+        final = _install(store, source, src, archive, tree, name, make_current, show_progress)
+    finally:
+        if downloaded is not None:  # installed or refused: either way the archive has served its purpose
+            downloaded.unlink(missing_ok=True)
+            downloaded.with_name(downloaded.name + ".json").unlink(missing_ok=True)
+    logger.info("fetched %s into %s (artifact digest %s)", source, final, mf.artifact_digest(final))
+    return final
+
+
+def _install(store: Store, source: str, src: Source, archive: Path | None, tree: Path | None, name: str | None,
+             make_current: bool, show_progress: bool) -> Path:  # fmt: skip
+    """Unpack/copy into a staging directory, verify against the manifest, promote."""
     provisional = name or src.default_name()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", provisional) or provisional == "current":
         provisional = "fetch"
@@ -436,9 +449,4 @@ def fetch(
         if store.exists(final_name):
             raise FetchError(f"{store.path(final_name)} already exists: pick a new --name or "
                              f"`edgephi models remove {final_name}`")  # fmt: skip
-        final = store.promote(staging, root, name=final_name, make_current=make_current)
-    if downloaded is not None:
-        downloaded.unlink(missing_ok=True)
-        downloaded.with_name(downloaded.name + ".json").unlink(missing_ok=True)
-    logger.info("fetched %s into %s (artifact digest %s)", source, final, mf.artifact_digest(final))
-    return final
+        return store.promote(staging, root, name=final_name, make_current=make_current)

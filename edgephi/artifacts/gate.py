@@ -254,7 +254,8 @@ def load_dequantized(artifact: Path, *, dtype: str = "bfloat16", device: str = "
         else:
             state[key] = tensor.to(torch_dtype) if tensor.is_floating_point() else tensor
     n_quantized = 0
-    for prefix, parts in packed.items():
+    for prefix in list(packed):
+        parts = packed.pop(prefix)  # free the packed tensors as we go
         missing = {"qweight", "qzeros", "scales"} - parts.keys()
         if missing:
             raise GateError(f"{prefix}: packed weight without {', '.join(sorted(missing))}")
