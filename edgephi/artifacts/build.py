@@ -293,7 +293,7 @@ def _source_section(src: Path, model: str | None, revision: str | None) -> dict[
         revision = m.group(1) if m else None
     files = [p for p in sorted(src.iterdir()) if p.is_file() and not p.name.startswith(".")]
     entries = [{"path": p.name, "size": p.stat().st_size, "sha256": mf.sha256_file(p)} for p in files]
-    return {"model": model or str(src), "path": str(src.resolve()), "revision": revision,
+    return {"model": model or str(src.resolve()), "path": str(src.resolve()), "revision": revision,
             "files_sha256": mf.files_digest(entries)}  # fmt: skip
 
 
