@@ -56,10 +56,11 @@ _METADATA_FILE = "edgephi_quantize.json"
 _DOC_SEPARATOR = "\n\n"
 
 
-def local_calibration_texts(n: int = 128, min_chars: int = 12_288) -> list[str]:
+def local_calibration_texts(n: int = 128, min_chars: int = 12_288, split: str = "train") -> list[str]:
     """Offline calibration texts: standard-library docstrings joined into ``n`` texts of >= ``min_chars`` chars.
 
-    Deterministic: documents (all splits, see :func:`edgephi.devmodel.stdlib_documents`) are taken in their
+    Deterministic: documents of ``split`` (default "train", so the quality gate's held-out text stays unseen;
+    see :func:`edgephi.devmodel.stdlib_documents`) are taken in their
     fixed order and concatenated, separated by blank lines, until each text reaches ``min_chars`` characters.
     auto-round drops any sample shorter than its ``seqlen`` tokens; byte-level BPE tokenizers average 3-4.5
     characters per token on this text, so ``min_chars = 6 * seqlen`` is safe (the default suits 2048).
@@ -67,6 +68,7 @@ def local_calibration_texts(n: int = 128, min_chars: int = 12_288) -> list[str]:
     Args:
         n: number of texts wanted (>= 1).
         min_chars: minimum length of each text, in characters (>= 1).
+        split: "train" (default), "heldout" or "all".
 
     Returns:
         Up to ``n`` texts (fewer only if the standard library runs out of text, about 1.7 M characters).
@@ -76,7 +78,7 @@ def local_calibration_texts(n: int = 128, min_chars: int = 12_288) -> list[str]:
     """
     if n < 1 or min_chars < 1:
         raise ValueError("n and min_chars must be >= 1")
-    docs = stdlib_documents("all", max_chars=max(2_000_000, n * (min_chars + 4096)))
+    docs = stdlib_documents(split, max_chars=max(2_000_000, n * (min_chars + 4096)))
     return _join_chars(docs, n, min_chars)
 
 
