@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -31,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,8 +57,8 @@ ENV_FILE = "/etc/edgephi/edgephi.env"
 DROPIN = "/etc/systemd/system/edgephi.service.d/50-test.conf"
 WATCHDOG_S = 8
 RESTART_S = 1
-GRACE_S = 2.0
-SHORT_TOKENS = 200  # more than a 1 KiB flow-control window holds; generated well within the grace
+GRACE_S = 15.0  # generous: the CPU W4A16 path decodes ~15-40 tok/s here, slower under load
+SHORT_TOKENS = 100  # more than a 1 KiB flow-control window holds; generated well within the grace
 LOAD_TIMEOUT_S = 300.0
 REPEATS = max(1, int(os.environ.get("EDGEPHI_SYSTEMD_REPEATS", "2")))
 LONG_TOKENS = 1900  # prompt + this stays under EDGEPHI_MAX_MODEL_LEN=2048; ~1-6 s on 2 cores
@@ -263,6 +265,16 @@ def _open_long_stream(c: Client, prompt: str) -> tuple[Any, Any]:
             return stream, first
         stream.cancel()
     raise AssertionError(f"no first token within {FIRST_TOKEN_MAX_S} s in 5 tries")
+
+
+def _logged_at(logged: list[tuple[float, str]], needle: str) -> float:
+    """The daemon's own timestamp (logging's asctime, wall clock, ms) of the first line containing NEEDLE."""
+    for _, m in logged:
+        if needle in m:
+            stamp = re.match(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ", m)
+            assert stamp, m
+            return datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S").timestamp() + int(stamp.group(2)) / 1000
+    raise AssertionError(f"no daemon log line with {needle!r}")
 
 
 def _assert_gone(old: list[Proc], timeout: float = 15.0) -> float:
@@ -583,10 +595,12 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     assert "drain" in (error.details() or ""), error.details()
     assert len(long_r["msgs"]) < LONG_TOKENS  # cut, not finished
     logged = svc.messages_since(t0)
-    t_term = next((ts for ts, m in logged if "edgephi.runtime: state: draining" in m), t_term)  # precise
     cut = [ts for ts, m in logged if "drain: aborted 1 stream(s)" in m]
     assert len(cut) == 1, [m for _, m in logged if "drain" in m]
-    assert GRACE_S - 0.1 <= cut[0] - t_term <= GRACE_S + 3, cut[0] - t_term  # at the grace, not before
+    # the drain's own wait, from the daemon's timestamps (journald's are when it read the line: jittery)
+    draining = _logged_at(logged, "edgephi.runtime: state: draining")
+    aborted = _logged_at(logged, "drain: aborted 1 stream(s)")
+    assert GRACE_S - 0.05 <= aborted - draining <= GRACE_S + 1, (draining, aborted)  # the grace, then the cut
     assert short_r["ended"] < cut[0]  # the short one completed within the grace
     assert stop_s < GRACE_S + 15, stop_s
 
@@ -597,7 +611,7 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     assert not [q for q in _procs(svc.guest.host_pids()) if q.is_vllm]
     _figure("systemctl stop (2 streams open) -> stopped", stop_s)
     _figure("SIGTERM -> short stream finished OK", short_r["ended"] - t_term)
-    _figure("SIGTERM -> long stream cut by the drain (journal)", cut[0] - t_term)
+    _figure("drain: 'state: draining' -> long stream cut (daemon log)", aborted - draining)
     exited = next((ts for ts, m in logged if "edgephi.server: stopped (exit 0)" in m), None)
     if exited is not None:
         _figure("  stop: drain cut -> daemon's 'stopped (exit 0)'", exited - cut[0])
