@@ -9,7 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+try:
+    from hatchling.builders.hooks.plugin.interface import BuildHookInterface
+except ImportError:  # `python hatch_build.py` (make proto) in a venv without hatchling
+    BuildHookInterface = object  # type: ignore[assignment,misc]
 
 
 def generate(root: Path) -> list[Path]:
