@@ -9,7 +9,7 @@ RUN=$(mktemp -d)
 trap 'if [ -n "${PID:-}" ] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"; wait "$PID" || true; fi; rm -rf "$RUN"' EXIT
 
 echo "== 1/4 tiny Phi-4 stand-in + auto-round W4A16 artifact (cached in .cache/ after the first run)"
-MODEL=$($BIN/edgephi devmodel --cache-dir .cache)
+MODEL=$($BIN/edgephi devmodel --cache-dir .cache | tail -n 1)
 echo "artifact: $MODEL"
 
 echo "== 2/4 starting the daemon (vLLM engine, gRPC on 127.0.0.1)"
