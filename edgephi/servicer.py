@@ -92,6 +92,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         stream = self.rt.open_stream(request_id)
         first_at = last_at = 0.0
         n_tokens = 0
+        final: Resp | None = None
         try:
             async with self.rt.admission.slot(len(gen_req.prompt_token_ids) + gen_req.sampling.max_tokens):
                 async for delta in engine.generate(gen_req, request_id):
@@ -105,7 +106,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                         self.rt.tokens_generated += len(delta.token_ids)
                     msg = response_type()
                     convert.fill_response(msg, delta)
+                    if delta.finish_reason is not None:
+                        final = msg  # written after the slot is released, see below
+                        continue
                     await context.write(msg)
+            # The engine request is finished: the slot is already free when the client reads the last message,
+            # so a client that sends its next request at once is never refused by its own previous one.
+            if final is not None:
+                await context.write(final)
         except Overloaded as exc:
             await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:

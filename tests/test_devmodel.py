@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -74,10 +73,8 @@ def test_build_is_cached_and_deterministic(tmp_path: Path) -> None:
     assert (a / "tokenizer.json").read_bytes() == (b / "tokenizer.json").read_bytes()
 
     mtime = (a / "model.safetensors").stat().st_mtime_ns
-    t0 = time.monotonic()
     assert devmodel.build(tmp_path / "a", MICRO) == a
-    assert time.monotonic() - t0 < 1.0
-    assert (a / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (a / "model.safetensors").stat().st_mtime_ns == mtime  # cached: not rebuilt
     # the build went through a temp dir that was renamed away: nothing else is left beside it
     assert sorted(p.name for p in (tmp_path / "a").iterdir() if not p.name.endswith(".lock")) == [a.name]
 

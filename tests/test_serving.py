@@ -174,10 +174,13 @@ def test_invalid_chat_request(daemon: Daemon, field: str, request_: pb.ChatReque
 
 def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
     """MAX_STREAMS running + MAX_QUEUED queued are admitted; the next request is refused immediately."""
+    # Streams cancelled by earlier tests release their slots asynchronously on the server.
+    assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=30) == 0.0, daemon.metrics()
     with daemon.client() as c:
-        streams = [_long(c) for _ in range(MAX_STREAMS + MAX_QUEUED)]
-        for s in streams[:MAX_STREAMS]:
+        streams = [_long(c) for _ in range(MAX_STREAMS)]
+        for s in streams:
             next(s)  # running: first token received
+        streams.append(_long(c))
         assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED, daemon.metrics()
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
