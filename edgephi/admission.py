@@ -2,7 +2,8 @@
 
 A request that cannot run and cannot queue is refused immediately (gRPC ``RESOURCE_EXHAUSTED``) rather than
 left waiting: on an edge box a fast "busy" is more useful to a client than an unbounded wait. The number of
-running streams equals vLLM's ``max_num_seqs``, so everything admitted is scheduled by the engine at once.
+running streams is vLLM's ``max_num_seqs`` less the watchdog probe's seat, so everything admitted is scheduled
+by the engine at once and the probe still finds a seat.
 """
 
 from __future__ import annotations

@@ -18,9 +18,20 @@ from pathlib import Path
 from edgephi.config import EXIT_CONFIG, ConfigError, load_settings
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port (1-65535; also EDGEPHI_CLIENT_PORT)")
+    return port
+
+
 def _add_conn(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default=os.environ.get("EDGEPHI_CLIENT_HOST", "127.0.0.1"))
-    p.add_argument("--port", type=int, default=int(os.environ.get("EDGEPHI_CLIENT_PORT", "50051")))
+    # A string default goes through type= too, so a bad EDGEPHI_CLIENT_PORT gets the same clear message.
+    p.add_argument("--port", type=_port, default=os.environ.get("EDGEPHI_CLIENT_PORT", "50051"))
     p.add_argument("--token-file", type=Path, help="file holding the bearer token")
     p.add_argument("--ca", help="CA certificate (PEM): use TLS")
     p.add_argument("--cert", help="client certificate (PEM) for mTLS")
@@ -84,8 +95,9 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    level = os.environ.get("EDGEPHI_LOG_LEVEL", "INFO").upper()  # `serve` validates it with the other settings
     logging.basicConfig(
-        level=os.environ.get("EDGEPHI_LOG_LEVEL", "INFO"),
+        level=level if level in ("DEBUG", "INFO", "WARNING", "ERROR") else "INFO",
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
@@ -157,19 +169,25 @@ def _client_command(args: argparse.Namespace) -> int:
 
     from edgephi.client import Client, Connection, sampling
 
+    for flag in ("token_file", "ca", "cert", "key"):
+        path = getattr(args, flag, None)
+        if path is not None and not os.access(path, os.R_OK):
+            print(f"edgephi: --{flag.replace('_', '-')} {path}: no such readable file", file=sys.stderr)
+            return 2
     token = args.token_file.read_text().strip() if getattr(args, "token_file", None) else None
     conn = Connection(args.host, args.port, token, args.ca, args.cert, args.key)
+    unary_timeout = args.timeout if args.timeout is not None else 10.0
     try:
         with Client(conn) as client:
             if args.command == "health":
-                status = client.health(args.service)
+                status = client.health(args.service, timeout=unary_timeout)
                 print(status)
                 return 0 if status == "SERVING" else 1
             if args.command == "info":
-                print(client.model_info(), end="")
+                print(client.model_info(timeout=unary_timeout), end="")
                 return 0
             if args.command == "count-tokens":
-                print(client.count_tokens(args.text))
+                print(client.count_tokens(args.text, timeout=unary_timeout))
                 return 0
             opts = sampling(
                 max_tokens=args.max_tokens,

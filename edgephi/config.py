@@ -14,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings.exceptions import SettingsError
 
 ENV_PREFIX = "EDGEPHI_"
 
@@ -24,6 +25,8 @@ ENV_PREFIX = "EDGEPHI_"
 EXIT_CONFIG = 78
 # Exit status after a hard memory-guard trip (sysexits.h EX_TEMPFAIL): drained, restart wanted.
 EXIT_MEMORY = 75
+# Engine sequence slots kept beyond max_concurrent_streams for the watchdog's liveness probe.
+PROBE_SEATS = 1
 
 
 class ConfigError(Exception):
@@ -33,7 +36,8 @@ class ConfigError(Exception):
 class Settings(BaseSettings):
     """Every daemon setting. Environment variable = ``EDGEPHI_`` + the upper-cased field name."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True)
+    # allow_inf_nan=False: "inf" or "nan" is never a valid limit, timeout or grace.
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="forbid", frozen=True, allow_inf_nan=False)
 
     # --- model / engine -------------------------------------------------------------------------------
     model: str = Field(
@@ -58,7 +62,7 @@ class Settings(BaseSettings):
 
     # --- defaults applied to requests that leave a sampling field unset -------------------------------
     default_max_tokens: int = Field(256, gt=0)
-    default_temperature: float = Field(0.0, ge=0.0)
+    default_temperature: float = Field(0.0, ge=0.0, le=2.0, description="vLLM accepts temperatures in [0, 2].")
     max_stop_strings: int = Field(8, ge=0, description="Longest stop list a request may send.")
     max_stop_string_chars: int = Field(64, gt=0)
 
@@ -70,7 +74,13 @@ class Settings(BaseSettings):
     )
     metrics_host: str = Field("127.0.0.1", description="Prometheus endpoint bind address.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Prometheus endpoint port; unset = off.")
-    drain_grace_s: float = Field(30.0, ge=0.0, description="SIGTERM: time in-flight streams get to finish.")
+    drain_grace_s: float = Field(
+        30.0, ge=0.0, le=3600.0, description="SIGTERM: time in-flight streams get to finish (s)."
+    )
+    stream_write_timeout_s: float = Field(
+        30.0, gt=0.0, le=3600.0,
+        description="A stream whose client reads nothing for this long (s) is aborted and its slot freed.",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
     # --- LAN security -------------------------------------------------------------------------------------
@@ -93,6 +103,18 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(16, gt=0, description="Streams generating at once (engine slots).")
     max_queued_requests: int = Field(32, ge=0, description="Requests waiting for a slot; beyond: refused.")
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_level(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
+
+    @field_validator("port_file")
+    @classmethod
+    def _port_file_dir(cls, value: Path | None) -> Path | None:
+        if value is not None and not value.parent.is_dir():
+            raise ValueError(f"directory {value.parent} does not exist")
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_max_tokens >= self.max_model_len:
@@ -107,9 +129,12 @@ class Settings(BaseSettings):
 
 def _unknown_env_keys(environ: dict[str, str]) -> list[str]:
     known = {ENV_PREFIX + name.upper() for name in Settings.model_fields}
-    # EDGEPHI_ENV_FILE and EDGEPHI_CACHE_DIR are read by the CLI / dev-model builder, not by the daemon.
-    known |= {ENV_PREFIX + "ENV_FILE", ENV_PREFIX + "CACHE_DIR"}
+    known |= CLI_ENV_KEYS
     return sorted(k for k in environ if k.upper().startswith(ENV_PREFIX) and k.upper() not in known)
+
+
+# Read by the CLI client commands and the dev-model builder, not by the daemon (but allowed beside it).
+CLI_ENV_KEYS = frozenset(ENV_PREFIX + k for k in ("ENV_FILE", "CACHE_DIR", "CLIENT_HOST", "CLIENT_PORT"))
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
@@ -126,6 +151,8 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
         raise ConfigError(f"env file {env_file} does not exist (set --env-file or EDGEPHI_ENV_FILE)")
     try:
         return Settings(_env_file=env_file, **overrides)
+    except SettingsError as exc:  # a value pydantic-settings cannot even parse, e.g. bad JSON for a dict
+        raise ConfigError(f"invalid configuration: {exc}; dict settings take a JSON object") from None
     except ValidationError as exc:
         problems = []
         extras = []
@@ -152,8 +179,9 @@ def _unknown_message(keys: list[str], where: str) -> str:
 def engine_args(settings: Settings) -> dict[str, Any]:
     """The keyword arguments for vLLM's ``AsyncEngineArgs`` that these settings imply.
 
-    ``max_num_seqs`` is the admission limit on concurrent streams, so the engine's batch never exceeds
-    what admission control lets in (and CUDA-graph capture sizes match it).
+    ``max_num_seqs`` is the admission limit on concurrent streams plus one seat for the watchdog's one-token
+    probe, so the engine's batch never exceeds what admission control lets in (CUDA-graph capture sizes
+    match it) and the probe is never queued behind admitted streams (a full daemon is not a wedged one).
     """
     args: dict[str, Any] = {
         "model": settings.model,
@@ -162,7 +190,7 @@ def engine_args(settings: Settings) -> dict[str, Any]:
         "dtype": settings.dtype,
         "kv_cache_dtype": settings.kv_cache_dtype,
         "gpu_memory_utilization": settings.gpu_memory_utilization,
-        "max_num_seqs": settings.max_concurrent_streams,
+        "max_num_seqs": settings.max_concurrent_streams + PROBE_SEATS,
         "enforce_eager": settings.enforce_eager,
         "tensor_parallel_size": settings.tensor_parallel_size,
         "disable_log_stats": True,

@@ -20,6 +20,16 @@ _FINISH = {
     "cancelled": pb.FINISH_REASON_CANCELLED,
 }
 MAX_SEED = 2**63 - 1
+# vLLM's SamplingParams accepts temperatures in [0, 2] (vllm/sampling_params.py, _verify_args).
+MAX_TEMPERATURE = 2.0
+# A prompt longer than this many characters per context token is first tokenized only up to that length: if
+# that prefix alone overflows the context, the prompt is refused without tokenizing the rest (a multi-MiB
+# prompt would otherwise cost seconds of tokenizer time and memory for a certain refusal).
+PROBE_CHARS_PER_TOKEN = 16
+# Every chat turn renders to at least <|im_start|>, a role, <|im_sep|> and <|im_end|>: 4 tokens.
+MIN_TOKENS_PER_CHAT_MESSAGE = 4
+# Phi-4's chat control tokens: message content containing them could forge turns (prompt injection).
+CHAT_CONTROL_TOKENS = ("<|im_start|>", "<|im_sep|>", "<|im_end|>", "<|endoftext|>")
 
 
 class InvalidArgument(ValueError):
@@ -42,7 +52,9 @@ class Limits:
     max_stop_string_chars: int
 
 
-def sampling_from_proto(opts: pb.SamplingOptions, prompt_tokens: int, limits: Limits) -> Sampling:
+def sampling_from_proto(
+    opts: pb.SamplingOptions, prompt_tokens: int, limits: Limits, prompt_field: str = "prompt"
+) -> Sampling:
     """Validate ``opts`` and apply server defaults to unset fields.
 
     ``max_tokens`` unset → ``min(default_max_tokens, context left after the prompt)``; set → must fit
@@ -54,7 +66,8 @@ def sampling_from_proto(opts: pb.SamplingOptions, prompt_tokens: int, limits: Li
     room = limits.max_context_tokens - prompt_tokens
     if room <= 0:
         raise InvalidArgument(
-            "prompt", f"prompt is {prompt_tokens} tokens; the context holds {limits.max_context_tokens}"
+            prompt_field,
+            f"prompt is {prompt_tokens} tokens; the context holds {limits.max_context_tokens} (prompt + max_tokens)",
         )
 
     if opts.HasField("max_tokens"):
@@ -73,8 +86,8 @@ def sampling_from_proto(opts: pb.SamplingOptions, prompt_tokens: int, limits: Li
     temperature = limits.default_temperature
     if opts.HasField("temperature"):
         temperature = _finite("sampling.temperature", opts.temperature)
-        if temperature < 0:
-            raise InvalidArgument("sampling.temperature", f"must be >= 0, got {temperature:g}")
+        if not 0 <= temperature <= MAX_TEMPERATURE:
+            raise InvalidArgument("sampling.temperature", f"must be in [0, {MAX_TEMPERATURE:g}], got {temperature:g}")
     top_p = 1.0
     if opts.HasField("top_p"):
         top_p = _finite("sampling.top_p", opts.top_p)
@@ -157,7 +170,7 @@ def generate_request(req: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limi
     if which == "text":
         if not req.text.strip():
             raise InvalidArgument("text", "prompt text must not be empty")
-        ids = tokenizer.encode(req.text)
+        ids = encode_bounded(tokenizer, req.text, limits.max_context_tokens, "text")
         if not ids:
             raise InvalidArgument("text", "prompt text tokenizes to no tokens")
     elif which == "token_ids":
@@ -174,44 +187,84 @@ def generate_request(req: pb.GenerateRequest, tokenizer: Tokenizer, limits: Limi
     return GenerationRequest(tuple(ids), sampling_from_proto(req.sampling, len(ids), limits))
 
 
-def chat_messages(messages: Sequence[pb.ChatMessage], field: str = "messages") -> list[tuple[str, str]]:
-    """Validate chat messages: non-empty list, known roles.
+def encode_bounded(tokenizer: Tokenizer, text: str, max_tokens: int, field: str) -> list[int]:
+    """Token ids of ``text``; a text far longer than ``max_tokens`` is refused after tokenizing a prefix.
 
     Raises:
-        InvalidArgument: ``messages`` empty, or ``messages[i].role`` not one of system/user/assistant.
+        InvalidArgument: naming ``field``, when the first ``max_tokens × PROBE_CHARS_PER_TOKEN`` characters
+            alone are more than ``max_tokens`` tokens.
+    """
+    probe = max_tokens * PROBE_CHARS_PER_TOKEN
+    if len(text) > probe:
+        head = len(tokenizer.encode(text[:probe]))
+        if head > max_tokens:
+            raise InvalidArgument(
+                field,
+                f"prompt is {len(text)} characters, more than the context of {max_tokens} tokens "
+                f"({head} tokens in its first {probe} characters alone)",
+            )
+    return tokenizer.encode(text)
+
+
+def chat_messages(
+    messages: Sequence[pb.ChatMessage], field: str = "messages", max_context_tokens: int | None = None
+) -> list[tuple[str, str]]:
+    """Validate chat messages: non-empty list, known roles, no chat control tokens in the content.
+
+    Raises:
+        InvalidArgument: ``messages`` empty or with more turns than the context can hold (each takes at least
+            ``MIN_TOKENS_PER_CHAT_MESSAGE`` tokens), ``messages[i].role`` not one of system/user/assistant, or
+            ``messages[i].content`` containing one of ``CHAT_CONTROL_TOKENS`` (it could forge turns).
     """
     if not messages:
         raise InvalidArgument(field, "must contain at least one message")
+    if max_context_tokens is not None and len(messages) * MIN_TOKENS_PER_CHAT_MESSAGE > max_context_tokens:
+        raise InvalidArgument(
+            field,
+            f"{len(messages)} messages cannot fit the context of {max_context_tokens} tokens "
+            f"(each takes at least {MIN_TOKENS_PER_CHAT_MESSAGE})",
+        )
     out = []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
             raise InvalidArgument(
                 f"{field}[{i}].role", f"unknown role {m.role!r}; expected one of {', '.join(CHAT_ROLES)}"
             )
+        for marker in CHAT_CONTROL_TOKENS:
+            if marker in m.content:
+                raise InvalidArgument(
+                    f"{field}[{i}].content",
+                    f"contains the chat control token {marker}, which would forge a turn; remove it "
+                    "(use Generate for raw prompts)",
+                )
         out.append((m.role, m.content))
     return out
 
 
 def chat_request(req: pb.ChatRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
     """Validate a ``ChatRequest`` and render it with the chat template; the turn ends at ``<|im_end|>``."""
-    ids = tokenizer.render_chat(chat_messages(req.messages))
-    sampling = sampling_from_proto(req.sampling, len(ids), limits)
+    text = tokenizer.render_chat_text(chat_messages(req.messages, "messages", limits.max_context_tokens))
+    ids = encode_bounded(tokenizer, text, limits.max_context_tokens, "messages")
+    sampling = sampling_from_proto(req.sampling, len(ids), limits, "messages")
     if tokenizer.end_of_turn_id is not None:
         sampling = dataclasses.replace(sampling, stop_token_ids=(tokenizer.end_of_turn_id,))
     return GenerationRequest(tuple(ids), sampling)
 
 
-def count_tokens(req: pb.CountTokensRequest, tokenizer: Tokenizer) -> int:
+def count_tokens(req: pb.CountTokensRequest, tokenizer: Tokenizer, limits: Limits) -> int:
     """Token count of a text or a rendered chat.
 
     Raises:
-        InvalidArgument: neither ``text`` nor ``chat`` set, or a bad chat message.
+        InvalidArgument: neither ``text`` nor ``chat`` set, a bad chat message, or an input so long that a
+            prefix alone overflows the context (see :func:`encode_bounded`).
     """
     which = req.WhichOneof("input")
     if which == "text":
-        return len(tokenizer.encode(req.text))
+        return len(encode_bounded(tokenizer, req.text, limits.max_context_tokens, "text"))
     if which == "chat":
-        return len(tokenizer.render_chat(chat_messages(req.chat.messages, "chat.messages")))
+        msgs = chat_messages(req.chat.messages, "chat.messages", limits.max_context_tokens)
+        return len(encode_bounded(tokenizer, tokenizer.render_chat_text(msgs), limits.max_context_tokens,
+                                  "chat.messages"))
     raise InvalidArgument("input", "set either text or chat")
 
 

@@ -30,6 +30,10 @@ CHAT_ROLES = ("system", "user", "assistant")
 END_OF_TURN = "<|im_end|>"
 
 
+class EngineRequestError(ValueError):
+    """The engine refused a request's parameters (a check our validation does not make)."""
+
+
 class EngineDeadError(RuntimeError):
     """The engine process died or errored; nothing more can be generated in this process."""
 
@@ -116,7 +120,7 @@ class Tokenizer(Protocol):
 
     def encode(self, text: str) -> list[int]: ...
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]: ...
+    def render_chat_text(self, messages: Sequence[tuple[str, str]]) -> str: ...
 
 
 class Engine(Protocol):
@@ -157,12 +161,16 @@ class HfTokenizer:
         """Token ids of ``text`` (no BOS/EOS added), each in ``[0, vocab_size)``."""
         return list(self._tok.encode(text, add_special_tokens=False))
 
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        """Token ids of ``messages`` rendered with the chat template plus the assistant generation prompt."""
+    def render_chat_text(self, messages: Sequence[tuple[str, str]]) -> str:
+        """``messages`` rendered with the chat template plus the assistant generation prompt (text, not ids)."""
         text = self._tok.apply_chat_template(
             [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
         )
-        return self.encode(str(text))
+        return str(text)
+
+    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
+        """Token ids of :meth:`render_chat_text`."""
+        return self.encode(self.render_chat_text(messages))
 
     def decode(self, ids: Sequence[int]) -> str:
         return str(self._tok.decode(list(ids), skip_special_tokens=True))
@@ -265,6 +273,7 @@ class VllmEngine:
 
         Raises:
             EngineDeadError: the engine died during the request.
+            EngineRequestError: the engine refused the request's parameters.
         """
         from vllm.inputs import TokensPrompt
 
@@ -291,6 +300,9 @@ class VllmEngine:
         except Exception as exc:
             if self._llm.errored:
                 raise EngineDeadError(str(self._llm.dead_error)) from exc
+            # vLLM 0.32 raises VLLMValidationError (not a ValueError); older releases raise ValueError.
+            if isinstance(exc, ValueError) or type(exc).__name__ == "VLLMValidationError":
+                raise EngineRequestError(str(exc)) from exc
             raise
 
     async def abort(self, request_id: str) -> None:

@@ -30,6 +30,7 @@ from edgephi.watchdog import Notifier
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = "edgephi.v1.InferenceService"
+PROBE_RESERVE_TOKENS = 256
 
 
 class State(enum.Enum):
@@ -78,6 +79,7 @@ class Runtime:
         self._no_streams.set()
         self.tokens_generated = 0
         self.guard_reason = ""
+        self.stalled_reason = ""
         self.stop_requested = asyncio.Event()
         self.exit_code = 0
         self.metrics.add_engine_gauges(self._gauges)
@@ -91,17 +93,32 @@ class Runtime:
         if self.state in (State.DEAD, State.STOPPED) and state not in (State.DEAD, State.STOPPED):
             return
         self.state = state
-        serving = state is State.SERVING
+        await self._publish_health()
+        log.info("state: %s%s", state.value, f" ({status})" if status else "")
+        self.notifier.status(status or self.status_line())
+
+    async def set_stalled(self, reason: str) -> None:
+        """The watchdog saw no progress (``reason``) or, with ``""``, progress again. While stalled, health
+        is ``NOT_SERVING`` (readiness: send new work elsewhere) and new requests get ``UNAVAILABLE``; open
+        streams go on, and systemd's watchdog decides about liveness."""
+        if bool(reason) == bool(self.stalled_reason):
+            self.stalled_reason = reason
+            return
+        self.stalled_reason = reason
+        log.warning("engine %s", f"not making progress: {reason}" if reason else "making progress again")
+        await self._publish_health()
+
+    async def _publish_health(self) -> None:
+        serving = self.state is State.SERVING and not self.stalled_reason
         code = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, code)
-        log.info("state: %s%s", state.value, f" ({status})" if status else "")
-        self.notifier.status(status or self.status_line())
 
     def attach(self, engine: Engine) -> None:
         self.engine = engine
         if engine.info.kv_capacity_tokens > 0:
-            self.admission.token_capacity = engine.info.kv_capacity_tokens
+            # Keep room for the watchdog's probe (a few tokens, one KV block of up to PROBE_RESERVE_TOKENS).
+            self.admission.token_capacity = max(1, engine.info.kv_capacity_tokens - PROBE_RESERVE_TOKENS)
         s = self.settings
         self.limits = Limits(
             max_context_tokens=engine.info.max_context_tokens,
@@ -118,7 +135,9 @@ class Runtime:
         )
 
     def refusal(self) -> tuple[grpc.StatusCode, str] | None:
-        """Why a new request must be refused now (memory guard), or None."""
+        """Why a new request must be refused now (memory guard, stalled engine), or None."""
+        if self.stalled_reason:
+            return grpc.StatusCode.UNAVAILABLE, f"engine not making progress ({self.stalled_reason}); retry later"
         if self.state is State.GUARDED:
             return grpc.StatusCode.RESOURCE_EXHAUSTED, f"memory guard: {self.guard_reason}; retry later"
         return None

@@ -9,20 +9,24 @@ SIGTERM: ``STOPPING=1``, health ``NOT_SERVING``, refuse new requests, let open s
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import signal
 import time
 import uuid
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgephi import guards
-from edgephi.config import EXIT_MEMORY, Settings
+from edgephi.config import EXIT_MEMORY, ConfigError, Settings
 from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
 from edgephi.runtime import Runtime, State, StreamEnd
 from edgephi.security import BearerTokenInterceptor, read_token, server_credentials
@@ -45,7 +49,7 @@ async def build_server(
     """Create the grpc.aio server with our service, health and reflection; bind; return it and its port.
 
     Raises:
-        OSError: the address cannot be bound.
+        ConfigError: the address cannot be bound (port in use, address not on this host).
     """
     interceptors = [BearerTokenInterceptor(token)] if token else []
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
@@ -58,9 +62,18 @@ async def build_server(
     )
     reflection.enable_server_reflection(names, server)
     address = f"{rt.settings.host}:{rt.settings.port}"
-    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    try:
+        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address ...")
+        port = 0
+        detail = str(exc)
+    else:
+        detail = ""
     if port == 0:
-        raise OSError(f"cannot bind gRPC to {address}")
+        raise ConfigError(
+            f"cannot listen on {address}: the port is in use or the address is not on this host ({detail}); "
+            "stop the other process or set EDGEPHI_PORT / EDGEPHI_HOST"
+        )
     return server, port
 
 
@@ -96,8 +109,12 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     try:
         return await _run(rt, settings, notifier)
     except EngineLoadError as exc:
+        if rt.stop_requested.is_set() and rt.state is State.LOADING:
+            log.info("stopped while loading; the engine's start was abandoned")
+            return rt.exit_code
         log.error("%s", exc)
         notifier.status(str(exc)[:200])
+        rt.exit_code = exc.exit_code
         return exc.exit_code
     finally:
         await server.stop(grace=1.0)
@@ -107,10 +124,12 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
 
 async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
     extender = asyncio.create_task(_extend_while_loading(rt, notifier))
+    abandon = asyncio.create_task(_abandon_load_on_stop(rt))
     started = time.monotonic()
     try:
         async with VllmEngine.start(settings) as engine:
             extender.cancel()
+            abandon.cancel()
             rt.attach(engine)
             await _warm_up(engine)
             load_s = time.monotonic() - started
@@ -133,7 +152,25 @@ async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
             notifier.status("stopping engine")
     finally:
         extender.cancel()
+        abandon.cancel()
     return rt.exit_code
+
+
+async def _abandon_load_on_stop(rt: Runtime) -> None:
+    """SIGTERM while loading: nothing is served yet, so instead of waiting out a load of minutes, stop the
+    engine's processes; the load then fails at once and the daemon exits 0 (systemd's stop stays quick)."""
+    await rt.stop_requested.wait()
+    log.warning("stop requested while loading: stopping the engine's processes")
+    while True:  # until the load fails (this task is cancelled then); processes may still be starting
+        children = psutil.Process().children(recursive=True)
+        for child in children:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.terminate()
+        _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10.0)
+        for child in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                child.kill()
+        await asyncio.sleep(0.5)
 
 
 async def _extend_while_loading(rt: Runtime, notifier: Notifier) -> None:
@@ -182,11 +219,23 @@ async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
         asyncio.get_running_loop().create_task(rt.set_state(State.DEAD))
         rt.request_stop(EXIT_ENGINE_DEAD)
 
+    pending: set[asyncio.Task[None]] = set()
+
+    def later(coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
     def on_miss(reason: str) -> None:
         rt.metrics.watchdog_misses.inc()
         notifier.status(f"engine not making progress: {reason}")
+        later(rt.set_stalled(reason))  # readiness: NOT_SERVING until progress resumes
 
-    await run_watchdog(liveness, notifier, tick, on_dead, on_miss, rt.status_line)
+    def on_alive() -> None:
+        if rt.stalled_reason:
+            later(rt.set_stalled(""))
+
+    await run_watchdog(liveness, notifier, tick, on_dead, on_miss, rt.status_line, on_alive)
 
 
 async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:

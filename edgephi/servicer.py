@@ -2,13 +2,19 @@
 
 Status codes:
   INVALID_ARGUMENT    a request field is bad (the message starts with the field's proto path)
-  RESOURCE_EXHAUSTED  admission limit (streams + queue) or a memory guard refused the request
+  RESOURCE_EXHAUSTED  admission limit (streams + queue) or a memory guard refused the request; or the client
+                      read nothing for ``stream_write_timeout_s`` and the stream was aborted
   UNAVAILABLE         engine loading, draining or dead; or the stream was aborted by a drain past its grace
+  INTERNAL            anything else the engine raised (logged with its traceback)
+
+Tokenization and chat rendering run on one worker thread, off the event loop, so that a long prompt cannot
+stall other streams, health checks or the watchdog.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import time
 import uuid
@@ -20,13 +26,16 @@ import grpc
 from edgephi import convert
 from edgephi.admission import Overloaded
 from edgephi.convert import InvalidArgument
-from edgephi.engine import Engine, EngineDeadError, GenerationRequest
+from edgephi.engine import Engine, EngineDeadError, EngineRequestError, GenerationRequest
 from edgephi.runtime import Runtime, StreamEnd
 from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 Resp = TypeVar("Resp", pb.GenerateResponse, pb.ChatResponse)
+T = TypeVar("T")
+# grpc's own signals (context.abort, a write after the RPC ended) pass through untouched.
+_GRPC_ERRORS = (grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError, asyncio.InvalidStateError)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -35,6 +44,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
 
     def __init__(self, runtime: Runtime) -> None:
         self.rt = runtime
+        # One thread: the tokenizer is not shared across threads, and requests are tokenized in arrival order.
+        self._tokenize = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="edgephi-tokenize")
+
+    async def _off_loop(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._tokenize, fn, *args)
 
     # The streaming methods are coroutines that call context.write(), not async generators: a server-side
     # end (drain past grace, engine death) cancels the handler task, and with a generator that cancel can
@@ -47,8 +61,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
 
     async def CountTokens(self, request: pb.CountTokensRequest, context: Ctx) -> pb.CountTokensResponse:
         engine = await self._engine_or_abort(context, "CountTokens")
+        refusal = self.rt.refusal()
+        if refusal is not None:
+            await self._abort(context, "CountTokens", refusal[0], refusal[1])
         try:
-            n = convert.count_tokens(request, engine.tokenizer)
+            n = await self._off_loop(convert.count_tokens, request, engine.tokenizer, self.rt.limits)
         except InvalidArgument as exc:
             await self._abort(context, "CountTokens", grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         self.rt.metrics.requests.labels("CountTokens", "OK").inc()
@@ -81,13 +98,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     ) -> None:
         received = time.perf_counter()
         engine = await self._engine_or_abort(context, method)
-        try:
-            gen_req = parse(request, engine.tokenizer, self.rt.limits)
-        except InvalidArgument as exc:
-            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         refusal = self.rt.refusal()
         if refusal is not None:
             await self._abort(context, method, refusal[0], refusal[1])
+        try:
+            gen_req = await self._off_loop(parse, request, engine.tokenizer, self.rt.limits)
+        except InvalidArgument as exc:
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         request_id = f"{method.lower()}-{uuid.uuid4().hex}"
         stream = self.rt.open_stream(request_id)
         first_at = last_at = 0.0
@@ -109,15 +126,30 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
                     if delta.finish_reason is not None:
                         final = msg  # written after the slot is released, see below
                         continue
-                    await context.write(msg)
+                    await self._write(context, msg)
             # The engine request is finished: the slot is already free when the client reads the last message,
             # so a client that sends its next request at once is never refused by its own previous one.
             if final is not None:
-                await context.write(final)
+                await self._write(context, final)
         except Overloaded as exc:
             await self._abort(context, method, grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
         except EngineDeadError as exc:
             await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, f"engine died: {exc}")
+        except _StalledReader:
+            # Leaving the `async with` above closed engine.generate, which aborted the engine request.
+            timeout = self.rt.settings.stream_write_timeout_s
+            log.warning("%s: client read nothing for %g s; stream aborted", request_id, timeout)
+            await self._abort(
+                context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"stream aborted: the client read nothing for {timeout:g} s (EDGEPHI_STREAM_WRITE_TIMEOUT_S)",
+            )
+        except _GRPC_ERRORS:
+            raise
+        except EngineRequestError as exc:  # the engine refused a parameter that validation let through
+            await self._abort(context, method, grpc.StatusCode.INVALID_ARGUMENT, f"sampling: {exc}")
+        except Exception as exc:
+            log.exception("%s: engine error", request_id)
+            await self._abort(context, method, grpc.StatusCode.INTERNAL, f"engine error: {type(exc).__name__}")
         except asyncio.CancelledError:
             # Client cancel / deadline: the engine request was already aborted by engine.generate. A server-
             # side end (drain past grace, engine death) cancels this task too, and says why.
@@ -132,6 +164,14 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
             if n_tokens > 1:
                 self.rt.metrics.tpot.observe((last_at - first_at) / (n_tokens - 1))
         self.rt.metrics.requests.labels(method, "OK").inc()
+
+    async def _write(self, context: Ctx, msg: object) -> None:
+        """``context.write`` bounded by ``stream_write_timeout_s`` (HTTP/2 flow control blocks it while the
+        client reads nothing); a stalled reader must not hold an admission slot or KV cache forever."""
+        try:
+            await asyncio.wait_for(context.write(msg), self.rt.settings.stream_write_timeout_s)
+        except TimeoutError:
+            raise _StalledReader from None
 
     async def _engine_or_abort(self, context: Ctx, method: str) -> Engine:
         engine = self.rt.engine
@@ -151,3 +191,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
     ) -> None:
         self.rt.metrics.requests.labels(method, code.name).inc()
         await context.abort(code, message)
+
+
+class _StalledReader(Exception):
+    """The client did not read the stream for ``stream_write_timeout_s``."""

@@ -152,6 +152,7 @@ async def run_watchdog(
     on_dead: Callable[[str], None],
     on_miss: Callable[[str], None],
     status: Callable[[], str] | None = None,
+    on_alive: Callable[[], None] | None = None,
 ) -> None:
     """Ping systemd every ``interval_s`` while the engine is alive; call ``on_dead`` once and return if it dies.
 
@@ -162,6 +163,8 @@ async def run_watchdog(
         started = time.monotonic()
         verdict = await liveness.check()
         if verdict is Verdict.ALIVE:
+            if on_alive is not None:
+                on_alive()
             if status is not None:
                 notifier.send(watchdog=1, status=status())
             else:

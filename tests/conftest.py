@@ -16,6 +16,7 @@ CACHE = Path(os.environ.get("EDGEPHI_CACHE_DIR", REPO / ".cache"))
 # The shared daemon's admission limits: small, so the limit test can hit them with a few streams.
 MAX_STREAMS = 3
 MAX_QUEUED = 1
+STREAM_WRITE_TIMEOUT_S = 5
 
 
 @pytest.fixture(scope="session")
@@ -39,5 +40,5 @@ def artifact(request: pytest.FixtureRequest) -> Path:
 def daemon(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """The session's one real daemon (real vLLM engine, real gRPC on 127.0.0.1, port 0)."""
     with run_daemon(artifact, tmp_path_factory.mktemp("daemon"), max_concurrent_streams=MAX_STREAMS,
-                    max_queued_requests=MAX_QUEUED) as d:
+                    max_queued_requests=MAX_QUEUED, stream_write_timeout_s=STREAM_WRITE_TIMEOUT_S) as d:
         yield d

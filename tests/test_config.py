@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from edgephi.config import EXIT_CONFIG, ConfigError, engine_args, load_settings
+from edgephi.config import EXIT_CONFIG, PROBE_SEATS, ConfigError, engine_args, load_settings
 
 
 @pytest.fixture
@@ -27,7 +27,7 @@ def test_env_and_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
     s = load_settings(env_file)
     assert (s.port, s.max_concurrent_streams, s.max_model_len) == (6000, 4, 4096)
     args = engine_args(s)
-    assert args["max_num_seqs"] == 4 and args["max_model_len"] == 4096
+    assert args["max_num_seqs"] == 4 + PROBE_SEATS and args["max_model_len"] == 4096  # + the probe's seat
 
 
 def test_unknown_env_var_is_named_with_suggestion(clean_env: pytest.MonkeyPatch) -> None:
