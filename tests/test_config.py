@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,52 @@ def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: st
     clean_env.setenv(key, value)
     with pytest.raises(ConfigError, match=expected):
         load_settings()
+
+
+@pytest.mark.parametrize(("key", "value", "expected"), [
+    ("EDGEPHI_LOG_LEVEL", "bogus", "EDGEPHI_LOG_LEVEL"),
+    ("EDGEPHI_ENGINE_EXTRA_ARGS", "{bad json", "JSON object"),
+    ("EDGEPHI_DRAIN_GRACE_S", "inf", "EDGEPHI_DRAIN_GRACE_S"),
+    ("EDGEPHI_DEFAULT_TEMPERATURE", "3", "EDGEPHI_DEFAULT_TEMPERATURE"),
+    ("EDGEPHI_PORT_FILE", "/nonexistent-dir/ports.json", "EDGEPHI_PORT_FILE"),
+    ("EDGEPHI_STREAM_WRITE_TIMEOUT_S", "0", "EDGEPHI_STREAM_WRITE_TIMEOUT_S"),
+])
+def test_more_bad_values_are_config_errors(clean_env: pytest.MonkeyPatch, key: str, value: str,
+                                           expected: str) -> None:
+    clean_env.setenv(key, value)
+    with pytest.raises(ConfigError, match=expected):
+        load_settings()
+
+
+def test_client_variables_and_lowercase_level_are_accepted(clean_env: pytest.MonkeyPatch) -> None:
+    clean_env.setenv("EDGEPHI_CLIENT_PORT", "50052")
+    clean_env.setenv("EDGEPHI_CLIENT_HOST", "10.0.0.2")
+    clean_env.setenv("EDGEPHI_LOG_LEVEL", "debug")
+    assert load_settings().log_level == "DEBUG"
+
+
+def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
+        env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": str(port)})
+        proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("args", "expected"), [
+    (["info", "--port", "99999"], "not a TCP port"),
+    (["health", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token"),
+])
+def test_cli_argument_errors_exit_2_with_the_fix(args: list[str], expected: str) -> None:
+    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", *args], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_serve_with_bad_config_exits_78_without_loading(tmp_path: Path) -> None:

@@ -75,3 +75,24 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
         # Nothing outlives the daemon.
         time.sleep(1)
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_sigterm_while_loading_stops_at_once(artifact: Path, tmp_path: Path) -> None:
+    """Nothing is served while loading, so a stop need not wait out the load (minutes on a GPU box)."""
+    with run_daemon(artifact, tmp_path, wait_ready=False) as d, d.client() as c:
+        assert c.health() == "NOT_SERVING"
+        deadline = time.monotonic() + 120
+        while not (children := psutil.Process(d.proc.pid).children(recursive=True)):
+            assert time.monotonic() < deadline and d.proc.poll() is None, d.log()[-3000:]
+            time.sleep(0.1)
+        time.sleep(1.0)  # the engine core is starting up
+        assert c.health() == "NOT_SERVING", "loaded too fast to test a stop while loading"
+        sent = time.monotonic()
+        d.proc.send_signal(signal.SIGTERM)
+        code = d.proc.wait(60)
+        elapsed = time.monotonic() - sent
+        assert code == 0, d.log()[-3000:]
+        assert elapsed < 20, elapsed
+        assert "stopped while loading" in d.log()
+        time.sleep(1)
+        assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

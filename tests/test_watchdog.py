@@ -128,8 +128,17 @@ def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path) -> None:
         late = n.times("WATCHDOG", since=stopped_at + 0.2)
         assert late == [], f"pinged while the engine core was stopped: {late}"
         assert d.metrics()["edgephi_watchdog_misses_total"] >= 1
+        # Readiness follows: NOT_SERVING, and new requests UNAVAILABLE, while no progress is made.
+        assert c.health() == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as err:
+            list(c.generate("hi", sampling(max_tokens=2), timeout=30))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "progress" in (err.value.details() or "")
         core.send_signal(signal.SIGCONT)
         n.wait_for("WATCHDOG", since=time.monotonic(), timeout=10)  # alive again → pings resume
+        deadline = time.monotonic() + 10
+        while c.health() != "SERVING":
+            assert time.monotonic() < deadline, d.log()[-2000:]
+            time.sleep(0.1)
 
         # Dead engine: SIGKILL the engine core mid-stream → stream UNAVAILABLE at once, daemon exits 1.
         stream = c.generate("Once upon a time", sampling(max_tokens=1900, ignore_eos=True))
