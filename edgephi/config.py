@@ -119,11 +119,12 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.default_max_tokens >= self.max_model_len:
             raise ValueError(
-                f"default_max_tokens ({self.default_max_tokens}) must be below max_model_len ({self.max_model_len})"
+                f"EDGEPHI_DEFAULT_MAX_TOKENS ({self.default_max_tokens}) must be below EDGEPHI_MAX_MODEL_LEN "
+                f"({self.max_model_len})"
             )
         if (self.memory_soft_limit_gib and self.memory_hard_limit_gib
                 and self.memory_soft_limit_gib >= self.memory_hard_limit_gib):
-            raise ValueError("memory_soft_limit_gib must be below memory_hard_limit_gib")
+            raise ValueError("EDGEPHI_MEMORY_SOFT_LIMIT_GIB must be below EDGEPHI_MEMORY_HARD_LIMIT_GIB")
         return self
 
 
@@ -134,7 +135,9 @@ def _unknown_env_keys(environ: dict[str, str]) -> list[str]:
 
 
 # Read by the CLI client commands and the dev-model builder, not by the daemon (but allowed beside it).
-CLI_ENV_KEYS = frozenset(ENV_PREFIX + k for k in ("ENV_FILE", "CACHE_DIR", "CLIENT_HOST", "CLIENT_PORT"))
+CLI_ENV_KEYS = frozenset(
+    ENV_PREFIX + k for k in ("ENV_FILE", "CACHE_DIR", "CLIENT_HOST", "CLIENT_PORT", "STORE_DIR")
+)
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
@@ -157,9 +160,11 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
         problems = []
         extras = []
         for err in exc.errors():
-            name = ".".join(str(p) for p in err["loc"]) or "settings"
+            name = ".".join(str(p) for p in err["loc"])
             if err["type"] == "extra_forbidden":
                 extras.append(ENV_PREFIX + name.upper())
+            elif not name:  # a check across settings: its message names them
+                problems.append(str(err["msg"]).removeprefix("Value error, "))
             else:
                 problems.append(f"{ENV_PREFIX}{name.upper()}: {err['msg']}")
         if extras:

@@ -45,7 +45,7 @@ def run_checks(env_file: Path | None, cpu_only: bool = False) -> list[Check]:
         checks.append(Check("config", True, f"valid ({env_file or 'environment'})"))
     except ConfigError as exc:
         checks.append(Check("config", False, str(exc), "correct the named setting in the env file"))
-        settings = Settings()
+        settings = Settings.model_construct()  # defaults, without reading the invalid environment again
     checks.extend(_gpu(cpu_only))
     checks.append(_artifact(settings))
     checks.append(_memory(settings))

@@ -39,6 +39,7 @@ class ModelShape:
     layers: int
     kv_heads: int
     head_dim: int
+    max_positions: int | None = None  # config.json max_position_embeddings, when no RoPE scaling extends it
 
     def kv_bytes_per_token(self, kv_cache_dtype: str) -> int:
         return 2 * self.layers * self.kv_heads * self.head_dim * KV_BYTES.get(kv_cache_dtype, 2)
@@ -59,7 +60,10 @@ def read_shape(model_dir: Path) -> ModelShape:
         raise ConfigError(f"EDGEPHI_MODEL: {model_dir} has no *.safetensors weights")
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
-    return ModelShape(weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim)
+    positions = cfg.get("max_position_embeddings")
+    max_positions = int(positions) if positions and not cfg.get("rope_scaling") else None
+    return ModelShape(weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim,
+                      max_positions)
 
 
 @dataclass(frozen=True)
@@ -151,18 +155,40 @@ def gpu_state(index: int = 0) -> GpuState | None:
         pynvml.nvmlShutdown()
 
 
+# Largest KV cache the CPU backend gets when EDGEPHI_KV_CACHE_SPACE_GIB is unset (a quarter of free RAM below it).
+CPU_KV_MAX_GIB = 4.0
+
+
+def cpu_only_host() -> bool:
+    """True on a box with no NVIDIA device nodes: vLLM runs its CPU backend there."""
+    return not Path("/dev/nvidiactl").exists() and not Path("/dev/nvidia0").exists()
+
+
 def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: int | None = None) -> Fit:
     """Check (and with a VRAM budget, fit) the settings against device and host memory before loading.
 
     ``gpu``/``available_ram`` default to live readings (NVML, psutil).
 
     Raises:
-        ConfigError: the model cannot fit; the message names the shortfall and settings that would fit.
+        ConfigError: a local model path that does not exist; ``max_model_len`` beyond the model's
+            ``max_position_embeddings``; or the model cannot fit (the message names the shortfall and settings
+            that would fit).
     """
     model = Path(settings.model)
     if not model.is_dir():
+        if settings.model.startswith(("/", ".", "~")):
+            raise ConfigError(
+                f"EDGEPHI_MODEL: {settings.model} does not exist; install an artifact with `edgephi quantize` or "
+                "`edgephi fetch` (or `make demo` for the tiny stand-in), or point EDGEPHI_MODEL at one"
+            )
         return Fit(settings, (), 0, None)  # hub id: vLLM resolves it; nothing to measure up front
     shape = read_shape(model)
+    if shape.max_positions is not None and settings.max_model_len > shape.max_positions:
+        raise ConfigError(
+            f"EDGEPHI_MAX_MODEL_LEN={settings.max_model_len} is longer than the model's context "
+            f"({shape.max_positions} tokens, max_position_embeddings in {model}/config.json); "
+            f"set EDGEPHI_MAX_MODEL_LEN={shape.max_positions} or less"
+        )
     gpu = gpu if gpu is not None else gpu_state()
     fit = Fit(settings, (), need_bytes(shape, settings.kv_cache_dtype, settings.max_model_len), None)
     if settings.vram_budget_gib is not None:
@@ -182,6 +208,12 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
                 f"{gpu.free_bytes / GiB * 0.95:.1f}"
             )
     available = available_ram if available_ram is not None else psutil.virtual_memory().available
+    if gpu is None and fit.settings.kv_cache_space_gib is None and cpu_only_host():
+        # vLLM's CPU backend would otherwise try to reserve gpu_memory_utilization (90 %) of the host's RAM.
+        kv_gib = round(max(0.5, min(CPU_KV_MAX_GIB, available / GiB / 4)), 2)
+        fit = Fit(fit.settings.model_copy(update={"kv_cache_space_gib": kv_gib}),
+                  (*fit.changes, f"no GPU: kv_cache_space_gib → {kv_gib} GiB of host RAM "
+                   "(set EDGEPHI_KV_CACHE_SPACE_GIB to choose)"), fit.need_bytes, fit.budget_bytes)
     # Host RAM: the weights pass through host memory while loading; the CPU backend also keeps KV there.
     host_need = shape.weights_bytes + 2 * GiB
     if gpu is None and fit.settings.kv_cache_space_gib is not None:

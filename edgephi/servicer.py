@@ -154,7 +154,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
             # Client cancel / deadline: the engine request was already aborted by engine.generate. A server-
             # side end (drain past grace, engine death) cancels this task too, and says why.
             if stream.end is StreamEnd.CLIENT:
-                self.rt.metrics.requests.labels(method, "CANCELLED").inc()
+                left = context.time_remaining()
+                code = "DEADLINE_EXCEEDED" if left is not None and left <= 0 else "CANCELLED"
+                self.rt.metrics.requests.labels(method, code).inc()
                 raise
             await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, stream.end_message())
         finally:

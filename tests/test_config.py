@@ -48,7 +48,7 @@ def test_unknown_key_in_env_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) 
 @pytest.mark.parametrize(("key", "value", "expected"), [
     ("EDGEPHI_PORT", "70000", "EDGEPHI_PORT"),
     ("EDGEPHI_MAX_CONCURRENT_STREAMS", "0", "EDGEPHI_MAX_CONCURRENT_STREAMS"),
-    ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "default_max_tokens"),
+    ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "EDGEPHI_DEFAULT_MAX_TOKENS"),
     ("EDGEPHI_GPU_MEMORY_UTILIZATION", "1.5", "EDGEPHI_GPU_MEMORY_UTILIZATION"),
 ])
 def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
@@ -118,4 +118,4 @@ def test_serve_with_missing_model_exits_78(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
                           text=True, timeout=240)
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
-    assert "cannot load" in proc.stderr and str(tmp_path / "nope") in proc.stderr
+    assert "does not exist" in proc.stderr and str(tmp_path / "nope") in proc.stderr

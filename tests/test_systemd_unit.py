@@ -289,7 +289,9 @@ def test_env_example_is_accepted_by_the_daemon(monkeypatch: pytest.MonkeyPatch) 
     settings = config.load_settings(env_file=ENV_EXAMPLE)
     assert settings.port == 50051 and settings.drain_grace_s == 30
     known = {"EDGEPHI_" + name.upper() for name in config.Settings.model_fields}
-    assert set(_env_example(commented=True)) <= known  # the commented-out ones too
+    documented = set(_env_example(commented=True))
+    assert documented <= known  # the commented-out ones too
+    assert known - documented == set(), "settings the example does not document"
 
 
 # --------------------------------------------------------------------------------------------------
