@@ -208,11 +208,14 @@ def _client_command(args: argparse.Namespace) -> int:
         return 1
 
 
-def _print_stream(stream: object) -> None:
+def _print_stream(stream: object) -> str:
+    """Print a Generate/Chat stream as it arrives, then the finish reason and usage on stderr; return the text."""
     last = None
+    text = []
     for msg in stream:  # type: ignore[attr-defined]
         sys.stdout.write(msg.text)
         sys.stdout.flush()
+        text.append(msg.text)
         last = msg
     sys.stdout.write("\n")
     if last is not None and last.HasField("usage"):
@@ -223,6 +226,7 @@ def _print_stream(stream: object) -> None:
             f"[{reason}; prompt {last.usage.prompt_tokens} tokens, completion {last.usage.completion_tokens} tokens]",
             file=sys.stderr,
         )
+    return "".join(text)
 
 
 def _chat(client: object, args: argparse.Namespace, opts: object) -> int:
@@ -241,15 +245,9 @@ def _chat(client: object, args: argparse.Namespace, opts: object) -> int:
             if not user.strip():
                 continue
         messages.append(("user", user))
-        reply = []
         stream = client.chat(messages, opts, args.timeout)  # type: ignore[attr-defined]
         sys.stdout.write("phi> ")
-        for msg in stream:
-            sys.stdout.write(msg.text)
-            sys.stdout.flush()
-            reply.append(msg.text)
-        sys.stdout.write("\n")
-        messages.append(("assistant", "".join(reply)))
+        messages.append(("assistant", _print_stream(stream)))
 
 
 if __name__ == "__main__":

@@ -61,7 +61,9 @@ def read_shape(model_dir: Path) -> ModelShape:
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     positions = cfg.get("max_position_embeddings")
-    max_positions = int(positions) if positions and not cfg.get("rope_scaling") else None
+    rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
+    extended = bool(cfg.get("rope_scaling")) or rope_type != "default"  # RoPE scaling: vLLM derives a longer one
+    max_positions = int(positions) if positions and not extended else None
     return ModelShape(weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim,
                       max_positions)
 
@@ -183,12 +185,6 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
             )
         return Fit(settings, (), 0, None)  # hub id: vLLM resolves it; nothing to measure up front
     shape = read_shape(model)
-    if shape.max_positions is not None and settings.max_model_len > shape.max_positions:
-        raise ConfigError(
-            f"EDGEPHI_MAX_MODEL_LEN={settings.max_model_len} is longer than the model's context "
-            f"({shape.max_positions} tokens, max_position_embeddings in {model}/config.json); "
-            f"set EDGEPHI_MAX_MODEL_LEN={shape.max_positions} or less"
-        )
     gpu = gpu if gpu is not None else gpu_state()
     fit = Fit(settings, (), need_bytes(shape, settings.kv_cache_dtype, settings.max_model_len), None)
     if settings.vram_budget_gib is not None:
@@ -222,6 +218,13 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
         raise ConfigError(
             f"memory preflight: loading needs about {host_need / GiB:.2f} GiB of host RAM but "
             f"{available / GiB:.2f} GiB is available; free memory or lower EDGEPHI_KV_CACHE_SPACE_GIB"
+        )
+    max_len = fit.settings.max_model_len
+    if shape.max_positions is not None and max_len > shape.max_positions:
+        raise ConfigError(
+            f"EDGEPHI_MAX_MODEL_LEN={max_len} is longer than the model's context ({shape.max_positions} tokens, "
+            f"max_position_embeddings in {model}/config.json); set EDGEPHI_MAX_MODEL_LEN={shape.max_positions} "
+            "or less"
         )
     return fit
 

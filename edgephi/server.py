@@ -27,6 +27,7 @@ from grpc_reflection.v1alpha import reflection
 
 from edgephi import guards
 from edgephi.config import EXIT_MEMORY, ConfigError, Settings
+from edgephi.decode import DecodeGuardInterceptor
 from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
 from edgephi.runtime import Runtime, State, StreamEnd
 from edgephi.security import BearerTokenInterceptor, read_token, server_credentials
@@ -51,7 +52,9 @@ async def build_server(
     Raises:
         ConfigError: the address cannot be bound (port in use, address not on this host).
     """
-    interceptors = [BearerTokenInterceptor(token)] if token else []
+    # Auth first: an unauthenticated caller learns nothing, not even whether its bytes parse.
+    interceptors: list[Any] = [BearerTokenInterceptor(token)] if token else []
+    interceptors.append(DecodeGuardInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt), server)
     health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)

@@ -85,7 +85,7 @@ def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path
         busy.listen()
         port = busy.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
-        env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": str(port)})
+        env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": str(port), "EDGEPHI_MAX_MODEL_LEN": "2048"})
         proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
                               text=True, timeout=120)
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 def doctor(model: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
-    env.update({"EDGEPHI_MODEL": str(model), "EDGEPHI_PORT": "0"})
+    env.update({"EDGEPHI_MODEL": str(model), "EDGEPHI_PORT": "0", "EDGEPHI_MAX_MODEL_LEN": "2048"})
     return subprocess.run([sys.executable, "-m", "edgephi.cli", "doctor", *extra], env=env, capture_output=True,
                           text=True, timeout=60)
 

@@ -411,3 +411,9 @@ def test_stale_temp_directories_are_cleaned_but_live_ones_kept(tmp_path: Path) -
     assert not live.path.exists() and sorted(p.name for p in store.root.iterdir()) == [".lock"]
     with pytest.raises(StoreError, match="no artifact"):
         store.use("nothing")
+
+
+def test_models_list_without_a_store_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["models", "list", "--store", str(tmp_path / "absent")]) == 1
+    err = capsys.readouterr().err
+    assert f"no artifact store at {tmp_path / 'absent'}" in err and "edgephi fetch" in err

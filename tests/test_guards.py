@@ -71,6 +71,26 @@ def test_preflight_refuses_when_host_ram_is_short(artifact: Path) -> None:
         guards.preflight(Settings(model=str(artifact)), gpu=None, available_ram=100 * 2**20)
 
 
+def test_preflight_names_a_missing_model_path_and_a_too_long_context(artifact: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"EDGEPHI_MODEL: .* does not exist; install an artifact"):
+        guards.preflight(Settings(model=str(tmp_path / "absent")), gpu=None, available_ram=64 * GiB)
+    # The stand-in's config.json says max_position_embeddings 4096; the default context is 16384.
+    with pytest.raises(ConfigError, match=r"EDGEPHI_MAX_MODEL_LEN=16384 is longer .* set EDGEPHI_MAX_MODEL_LEN=4096"):
+        guards.preflight(Settings(model=str(artifact)), gpu=None, available_ram=64 * GiB)
+
+
+@pytest.mark.skipif(not guards.cpu_only_host(), reason="sizes the KV cache only where vLLM runs on the CPU")
+def test_cpu_only_box_gets_a_kv_cache_size_by_default(artifact: Path) -> None:
+    fit = guards.preflight(Settings(model=str(artifact), max_model_len=2048), gpu=None, available_ram=8 * GiB)
+    assert fit.settings.kv_cache_space_gib == 2.0  # a quarter of the 8 GiB available
+    assert any("kv_cache_space_gib" in c for c in fit.changes)
+    big = guards.preflight(Settings(model=str(artifact), max_model_len=2048), gpu=None, available_ram=64 * GiB)
+    assert big.settings.kv_cache_space_gib == guards.CPU_KV_MAX_GIB
+    mine = guards.preflight(Settings(model=str(artifact), max_model_len=2048, kv_cache_space_gib=1.5), gpu=None,
+                            available_ram=64 * GiB)
+    assert mine.settings.kv_cache_space_gib == 1.5 and not mine.changes
+
+
 def test_serve_refuses_too_small_budget_with_exit_78(artifact: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_VRAM_BUDGET_GIB": "0.01", "EDGEPHI_PORT": "0"})

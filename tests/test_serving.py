@@ -213,6 +213,23 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
     assert daemon.wait_metric("edgephi_streams_queued", 0.0) == 0.0
 
 
+@pytest.mark.parametrize(("method", "streaming"), [("Generate", True), ("CountTokens", False)])
+def test_undecodable_request_is_invalid_argument(daemon: Daemon, method: str, streaming: bool) -> None:
+    """Field 1 (text) holding invalid UTF-8: protobuf cannot parse it; grpc alone would answer UNKNOWN."""
+    raw = b"\x0a\x03\xff\xfe\x41"
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        path = f"/edgephi.v1.InferenceService/{method}"
+        with pytest.raises(grpc.RpcError) as err:
+            if streaming:
+                list(channel.unary_stream(path, request_serializer=bytes, response_deserializer=bytes)(raw, timeout=30))
+            else:
+                channel.unary_unary(path, request_serializer=bytes, response_deserializer=bytes)(raw, timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value
+        assert (err.value.details() or "").startswith("request: not a valid message for " + path)
+    with daemon.client() as c:
+        assert c.health() == "SERVING" and c.count_tokens("hi") > 0
+
+
 def test_stalled_reader_is_aborted_and_frees_its_slot(daemon: Daemon) -> None:
     """A client that reads nothing (HTTP/2 flow control blocks the daemon's writes) loses its stream after
     EDGEPHI_STREAM_WRITE_TIMEOUT_S; its slot and engine request are freed while it still reads nothing."""

@@ -316,6 +316,10 @@ def _human(n: int) -> str:
 
 def _models(args: argparse.Namespace, store: Any) -> int:
     if args.models_command == "list":
+        if not Path(store.root).is_dir():
+            print(f"edgephi: no artifact store at {store.root}; install an artifact with `edgephi quantize` or "
+                  "`edgephi fetch`, or pass --store / set EDGEPHI_STORE_DIR", file=sys.stderr)
+            return 1
         items = store.list()
         if args.json:
             print(json.dumps({"store": str(store.root), "current": store.current_target(),
