@@ -7,7 +7,9 @@ Every check raises :class:`InvalidArgument` naming the offending field by its pr
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -191,9 +193,17 @@ def encode_bounded(tokenizer: Tokenizer, text: str, max_tokens: int, field: str)
     """Token ids of ``text``; a text far longer than ``max_tokens`` is refused after tokenizing a prefix.
 
     Raises:
-        InvalidArgument: naming ``field``, when the first ``max_tokens × PROBE_CHARS_PER_TOKEN`` characters
-            alone are more than ``max_tokens`` tokens.
+        InvalidArgument: naming ``field``, when ``text`` is longer than ``max_tokens × max_token_chars``
+            characters, or its first ``max_tokens × PROBE_CHARS_PER_TOKEN`` characters alone are more than
+            ``max_tokens`` tokens.
     """
+    most = max_tokens * tokenizer.max_token_chars
+    if len(text) > most:  # cannot be max_tokens tokens or fewer: no token stands for more characters
+        raise InvalidArgument(
+            field,
+            f"prompt is {len(text)} characters, more than the context of {max_tokens} tokens can hold "
+            f"(at most {tokenizer.max_token_chars} characters per token)",
+        )
     probe = max_tokens * PROBE_CHARS_PER_TOKEN
     if len(text) > probe:
         head = len(tokenizer.encode(text[:probe]))
@@ -207,14 +217,18 @@ def encode_bounded(tokenizer: Tokenizer, text: str, max_tokens: int, field: str)
 
 
 def chat_messages(
-    messages: Sequence[pb.ChatMessage], field: str = "messages", max_context_tokens: int | None = None
+    messages: Sequence[pb.ChatMessage],
+    field: str = "messages",
+    max_context_tokens: int | None = None,
+    special_tokens: Sequence[str] = CHAT_CONTROL_TOKENS,
 ) -> list[tuple[str, str]]:
     """Validate chat messages: non-empty list, known roles, no chat control tokens in the content.
 
     Raises:
         InvalidArgument: ``messages`` empty or with more turns than the context can hold (each takes at least
             ``MIN_TOKENS_PER_CHAT_MESSAGE`` tokens), ``messages[i].role`` not one of system/user/assistant, or
-            ``messages[i].content`` containing one of ``CHAT_CONTROL_TOKENS`` (it could forge turns).
+            ``messages[i].content`` containing a special token (``special_tokens``, by default
+            ``CHAT_CONTROL_TOKENS``; the servicer passes the tokenizer's whole list): it could forge turns.
     """
     if not messages:
         raise InvalidArgument(field, "must contain at least one message")
@@ -224,26 +238,33 @@ def chat_messages(
             f"{len(messages)} messages cannot fit the context of {max_context_tokens} tokens "
             f"(each takes at least {MIN_TOKENS_PER_CHAT_MESSAGE})",
         )
+    pattern = _special_pattern(tuple(special_tokens))
     out = []
     for i, m in enumerate(messages):
         if m.role not in CHAT_ROLES:
             raise InvalidArgument(
                 f"{field}[{i}].role", f"unknown role {m.role!r}; expected one of {', '.join(CHAT_ROLES)}"
             )
-        for marker in CHAT_CONTROL_TOKENS:
-            if marker in m.content:
-                raise InvalidArgument(
-                    f"{field}[{i}].content",
-                    f"contains the chat control token {marker}, which would forge a turn; remove it "
-                    "(use Generate for raw prompts)",
-                )
+        found = pattern.search(m.content) if pattern is not None else None
+        if found:
+            raise InvalidArgument(
+                f"{field}[{i}].content",
+                f"contains the special token {found.group(0)}, which could forge a chat turn; remove it "
+                "(use Generate for raw prompts)",
+            )
         out.append((m.role, m.content))
     return out
 
 
+@functools.lru_cache(maxsize=8)
+def _special_pattern(tokens: tuple[str, ...]) -> re.Pattern[str] | None:
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True)))) if tokens else None
+
+
 def chat_request(req: pb.ChatRequest, tokenizer: Tokenizer, limits: Limits) -> GenerationRequest:
     """Validate a ``ChatRequest`` and render it with the chat template; the turn ends at ``<|im_end|>``."""
-    text = tokenizer.render_chat_text(chat_messages(req.messages, "messages", limits.max_context_tokens))
+    msgs = chat_messages(req.messages, "messages", limits.max_context_tokens, tokenizer.special_tokens)
+    text = tokenizer.render_chat_text(msgs)
     ids = encode_bounded(tokenizer, text, limits.max_context_tokens, "messages")
     sampling = sampling_from_proto(req.sampling, len(ids), limits, "messages")
     if tokenizer.end_of_turn_id is not None:
@@ -262,7 +283,7 @@ def count_tokens(req: pb.CountTokensRequest, tokenizer: Tokenizer, limits: Limit
     if which == "text":
         return len(encode_bounded(tokenizer, req.text, limits.max_context_tokens, "text"))
     if which == "chat":
-        msgs = chat_messages(req.chat.messages, "chat.messages", limits.max_context_tokens)
+        msgs = chat_messages(req.chat.messages, "chat.messages", limits.max_context_tokens, tokenizer.special_tokens)
         return len(encode_bounded(tokenizer, tokenizer.render_chat_text(msgs), limits.max_context_tokens,
                                   "chat.messages"))
     raise InvalidArgument("input", "set either text or chat")

@@ -117,6 +117,8 @@ class Tokenizer(Protocol):
 
     vocab_size: int
     end_of_turn_id: int | None
+    max_token_chars: int  # longest text one token can stand for (bounds characters per token)
+    special_tokens: tuple[str, ...]  # every special token's text: chat content may not contain them
 
     def encode(self, text: str) -> list[int]: ...
 
@@ -156,6 +158,14 @@ class HfTokenizer:
         self.vocab_size = vocab_size
         eot = self._tok.convert_tokens_to_ids(END_OF_TURN)
         self.end_of_turn_id: int | None = eot if isinstance(eot, int) and eot != self._tok.unk_token_id else None
+        # Byte-level BPE vocab entries hold one character per byte, so an entry's length bounds the characters
+        # its token decodes to.
+        self.max_token_chars = max((len(t) for t in self._tok.get_vocab()), default=1)
+        added = getattr(self._tok, "added_tokens_decoder", {}) or {}
+        self.special_tokens = tuple(sorted(
+            {str(t.content) for t in added.values() if getattr(t, "special", False)}
+            | {str(t) for t in self._tok.all_special_tokens}
+        ))
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added), each in ``[0, vocab_size)``."""

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import psutil
 
@@ -54,10 +55,19 @@ def read_shape(model_dir: Path) -> ModelShape:
     cfg_path = model_dir / "config.json"
     if not cfg_path.is_file():
         raise ConfigError(f"EDGEPHI_MODEL: {model_dir} has no config.json (not a model artifact)")
-    cfg = json.loads(cfg_path.read_text())
     weights = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
     if weights == 0:
         raise ConfigError(f"EDGEPHI_MODEL: {model_dir} has no *.safetensors weights")
+    try:
+        return _shape_from_config(json.loads(cfg_path.read_text()), weights)
+    except (ValueError, KeyError, TypeError, ZeroDivisionError) as exc:  # JSONDecodeError is a ValueError
+        raise ConfigError(
+            f"EDGEPHI_MODEL: {cfg_path} is not a usable model config ({type(exc).__name__}: {exc}); "
+            "re-fetch or re-quantize the artifact"
+        ) from None
+
+
+def _shape_from_config(cfg: dict[str, Any], weights: int) -> ModelShape:
     heads = int(cfg["num_attention_heads"])
     head_dim = int(cfg.get("head_dim") or int(cfg["hidden_size"]) // heads)
     positions = cfg.get("max_position_embeddings")
@@ -177,6 +187,8 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
             that would fit).
     """
     model = Path(settings.model)
+    if model.exists() and not model.is_dir():
+        raise ConfigError(f"EDGEPHI_MODEL: {settings.model} is a file; point it at the artifact's directory")
     if not model.is_dir():
         if settings.model.startswith(("/", ".", "~")):
             raise ConfigError(

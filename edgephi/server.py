@@ -99,7 +99,14 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     if settings.metrics_port is not None:
         from prometheus_client import start_http_server
 
-        httpd, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=rt.metrics.registry)
+        try:
+            httpd, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=rt.metrics.registry)
+        except OSError as exc:
+            await server.stop(None)
+            raise ConfigError(
+                f"cannot serve metrics on {settings.metrics_host}:{settings.metrics_port}: {exc.strerror or exc}; "
+                "stop the other process or set EDGEPHI_METRICS_PORT / EDGEPHI_METRICS_HOST"
+            ) from None
         metrics_port = httpd.server_port
         log.info("metrics on http://%s:%d/metrics", settings.metrics_host, metrics_port)
     if settings.port_file is not None:
@@ -169,7 +176,8 @@ async def _abandon_load_on_stop(rt: Runtime) -> None:
         for child in children:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.terminate()
-        _, alive = await asyncio.to_thread(psutil.wait_procs, children, 10.0)
+        # Short: multiprocessing's resource tracker ignores SIGTERM, and asyncio.run waits for this thread.
+        _, alive = await asyncio.to_thread(psutil.wait_procs, children, 2.0)
         for child in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 child.kill()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import time
 import uuid
@@ -34,6 +35,8 @@ from edgephi.v1 import inference_pb2_grpc as pb_grpc
 log = logging.getLogger(__name__)
 Resp = TypeVar("Resp", pb.GenerateResponse, pb.ChatResponse)
 T = TypeVar("T")
+# How long a stalled reader's final status may take to queue before the handler gives up on it (s).
+ABORT_SEND_TIMEOUT_S = 1.0
 # grpc's own signals (context.abort, a write after the RPC ended) pass through untouched.
 _GRPC_ERRORS = (grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError, asyncio.InvalidStateError)
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -136,13 +139,18 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
         except EngineDeadError as exc:
             await self._abort(context, method, grpc.StatusCode.UNAVAILABLE, f"engine died: {exc}")
         except _StalledReader:
-            # Leaving the `async with` above closed engine.generate, which aborted the engine request.
+            # Leaving the `async with` above closed engine.generate, which aborted the engine request. The
+            # status queues behind the data the client is not reading, so it may never go out: the stream is
+            # closed for the drain first, and the abort is bounded (grpc cancels the call at shutdown).
             timeout = self.rt.settings.stream_write_timeout_s
             log.warning("%s: client read nothing for %g s; stream aborted", request_id, timeout)
-            await self._abort(
-                context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"stream aborted: the client read nothing for {timeout:g} s (EDGEPHI_STREAM_WRITE_TIMEOUT_S)",
-            )
+            self.rt.close_stream(request_id)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._abort(
+                    context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"stream aborted: the client read nothing for {timeout:g} s (EDGEPHI_STREAM_WRITE_TIMEOUT_S)",
+                ), ABORT_SEND_TIMEOUT_S)
+            return
         except _GRPC_ERRORS:
             raise
         except EngineRequestError as exc:  # the engine refused a parameter that validation let through

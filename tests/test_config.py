@@ -93,6 +93,20 @@ def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path
     assert "Traceback" not in proc.stderr
 
 
+def test_serve_with_the_metrics_port_in_use_exits_78(artifact: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
+        env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": "0", "EDGEPHI_METRICS_PORT": str(port),
+                    "EDGEPHI_MAX_MODEL_LEN": "2048"})
+        proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
+                              text=True, timeout=120)
+    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize(("args", "expected"), [
     (["info", "--port", "99999"], "not a TCP port"),
     (["health", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token"),

@@ -79,6 +79,16 @@ def test_preflight_names_a_missing_model_path_and_a_too_long_context(artifact: P
         guards.preflight(Settings(model=str(artifact)), gpu=None, available_ram=64 * GiB)
 
 
+@pytest.mark.parametrize("config", ["{not json", '{"num_hidden_layers": 2}', '{"num_attention_heads": "lots"}'])
+def test_preflight_refuses_a_broken_config_json(tmp_path: Path, config: str) -> None:
+    (tmp_path / "config.json").write_text(config)
+    (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
+    with pytest.raises(ConfigError, match="not a usable model config"):
+        guards.preflight(Settings(model=str(tmp_path)), gpu=None, available_ram=64 * GiB)
+    with pytest.raises(ConfigError, match="is a file"):
+        guards.preflight(Settings(model=str(tmp_path / "config.json")), gpu=None, available_ram=64 * GiB)
+
+
 @pytest.mark.skipif(not guards.cpu_only_host(), reason="sizes the KV cache only where vLLM runs on the CPU")
 def test_cpu_only_box_gets_a_kv_cache_size_by_default(artifact: Path) -> None:
     fit = guards.preflight(Settings(model=str(artifact), max_model_len=2048), gpu=None, available_ram=8 * GiB)
