@@ -68,15 +68,24 @@ def _gpu(cpu_only: bool) -> list[Check]:
         return [Check("gpu", False, f"NVML unavailable: {exc}", "install the NVIDIA driver (nvidia-smi must work)")]
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        name = pynvml.nvmlDeviceGetName(handle)
-        cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
-        ok = cc >= MIN_COMPUTE_CAPABILITY
-        return [
-            Check("driver", True, f"NVIDIA driver {driver}"),
-            Check("gpu", ok, f"{name}, compute capability {cc[0]}.{cc[1]}",
-                  "" if ok else "vLLM's int4 (Marlin) kernels need compute capability >= 8.0"),
-        ]
+        checks = [Check("driver", True, f"NVIDIA driver {driver}")]
+        count = int(pynvml.nvmlDeviceGetCount())
+        if count == 0:
+            return [*checks, Check("gpu", False, "NVML sees no GPU", "check that `nvidia-smi` lists the GPU")]
+        for index in range(count):
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            name = pynvml.nvmlDeviceGetName(handle)
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
+            memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
+            ok = cc >= MIN_COMPUTE_CAPABILITY
+            checks.append(Check(
+                "gpu" if count == 1 else f"gpu {index}", ok,
+                f"{name}, compute capability {cc[0]}.{cc[1]}, VRAM {int(memory.total) // 2**20} MiB total, "
+                f"{int(memory.free) // 2**20} MiB free",
+                "" if ok else "vLLM's int4 (Marlin) kernels need compute capability >= 8.0",
+            ))
+        return checks
     finally:
         pynvml.nvmlShutdown()
 

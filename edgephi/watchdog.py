@@ -113,10 +113,9 @@ class Liveness:
         self.reason = ""
 
     async def check(self) -> Verdict:
-        try:
-            await self.probe.check_health()
-        except Exception as exc:
-            self.reason = f"engine dead: {exc}"
+        """This tick's verdict. ALIVE only if the engine is healthy *now*: health is read again last, so tokens
+        counted before a core died (or a probe answered just before) never vouch for a dead engine."""
+        if await self._dead():
             return Verdict.DEAD
         for pid in self.probe.core_pids():
             with contextlib.suppress(psutil.NoSuchProcess):
@@ -126,23 +125,29 @@ class Liveness:
         tokens = self.probe.tokens_generated()
         progressed = tokens != self._last_tokens
         self._last_tokens = tokens
-        if progressed:
-            return Verdict.ALIVE
-        # No token since the last tick (idle, or a long prefill): a bounded one-token probe decides.
-        try:
-            await asyncio.wait_for(self.probe.probe_generation(), self.probe_timeout_s)
-        except TimeoutError:
-            self.reason = f"probe generation took longer than {self.probe_timeout_s:g} s"
-            return Verdict.WEDGED
-        except Exception as exc:
+        if not progressed:
+            # No token since the last tick (idle, or a long prefill): a bounded one-token probe decides.
             try:
-                await self.probe.check_health()
-            except Exception:
-                self.reason = f"engine dead: {exc}"
-                return Verdict.DEAD
-            self.reason = f"probe generation failed: {exc}"
-            return Verdict.WEDGED
+                await asyncio.wait_for(self.probe.probe_generation(), self.probe_timeout_s)
+            except TimeoutError:
+                self.reason = f"probe generation took longer than {self.probe_timeout_s:g} s"
+                return Verdict.WEDGED
+            except Exception as exc:
+                if await self._dead(cause=exc):
+                    return Verdict.DEAD
+                self.reason = f"probe generation failed: {exc}"
+                return Verdict.WEDGED
+        if await self._dead():
+            return Verdict.DEAD
         return Verdict.ALIVE
+
+    async def _dead(self, cause: Exception | None = None) -> bool:
+        try:
+            await self.probe.check_health()
+        except Exception as exc:
+            self.reason = f"engine dead: {cause or exc}"
+            return True
+        return False
 
 
 async def run_watchdog(

@@ -3,7 +3,9 @@
 Static: yamllint, ansible-lint with the production profile, ``ansible-playbook --syntax-check`` on the example
 inventory, every public variable documented in meta/argument_specs.yml, the unit taken from systemd/, and the
 fleet rollout stopping after the first failed box (two local "boxes", the first failing its preflight: the
-second is never touched).
+second is never touched). gpu-preflight.yml, the role's GPU checks alone on this machine (what the GPU
+acceptance run uses on a real GPU box), against a fake ``nvidia-smi``: a card that fits passes; one too small
+for the profile (or for edgephi_gpu_min_vram_mib), a pre-Ampere one and a missing nvidia-smi fail, naming the fix.
 
 Real: the real ``ansible-playbook site.yml`` provisions a systemd-nspawn guest (tests/nspawn.py: the host's /
 under a throw-away overlay, systemd 252 as PID 1, a private network namespace) through the nsenter connection
@@ -228,6 +230,90 @@ def test_rollout_failure_threshold_stops_before_next_batch(tmp_path: Path) -> No
     assert "box-3" not in run.recap, run.tail()
     lenient = playbook(inv, tmp_path, *serial, "-e", "edgephi_rollout_max_fail_percentage=60", timeout=180)
     assert lenient.recap.get("box-3", {}).get("failed") == 0, lenient.tail()
+
+
+# --------------------------------------------------------------------------------------------------
+# gpu-preflight.yml: the role's GPU checks alone, on this machine, against a fake nvidia-smi
+
+A4000 = "0, NVIDIA RTX A4000, 570.86.15, 8.6, 16376"  # a 16 GB Ampere card, as nvidia-smi's CSV reports it
+T4 = "0, Tesla T4, 570.86.15, 7.5, 15360"  # Turing: no GPTQ-Marlin
+
+
+def gpu_preflight(tmp: Path, smi_line: str | None, *args: str) -> PlaybookRun:
+    """``ansible-playbook -v -i localhost, gpu-preflight.yml ARGS`` with a fake ``nvidia-smi`` printing SMI_LINE
+    first on PATH (SMI_LINE None: no nvidia-smi on PATH at all). The output's whitespace is collapsed (the yaml
+    callback wraps long messages)."""
+    fake_bin = tmp / "bin"
+    fake_bin.mkdir(exist_ok=True)
+    if smi_line is not None:
+        smi = fake_bin / "nvidia-smi"
+        smi.write_text(f"#!/bin/sh\n# fake: {smi_line!r} for the --query-gpu=... CSV query\necho '{smi_line}'\n")
+        smi.chmod(0o755)
+    path = os.pathsep.join([str(fake_bin)] + [d for d in os.environ.get("PATH", "").split(os.pathsep)
+                                               if d and not (Path(d) / "nvidia-smi").exists()])  # fmt: skip
+    if smi_line is None:
+        assert shutil.which("nvidia-smi", path=path) is None
+    quiet = {"ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"}
+    env = _env(tmp) | quiet | {"PATH": path}
+    cmd = [_tool("ansible-playbook"), "-v", "-i", "localhost,", "gpu-preflight.yml", *args]
+    t0 = time.monotonic()
+    r = subprocess.run(cmd, cwd=ANSIBLE_DIR, env=env, capture_output=True, text=True, timeout=180)
+    run = _parse(PlaybookRun(r.returncode, r.stdout + r.stderr, time.monotonic() - t0))
+    run.output = " ".join(run.output.split())
+    return run
+
+
+def test_gpu_preflight_playbook_runs_only_the_role_gpu_checks() -> None:
+    """ansible/gpu-preflight.yml: localhost, local connection, no facts, only the role's preflight-gpu.yml, which
+    preflight.yml imports in place (the full role runs the same tasks)."""
+    (play,) = yaml.safe_load((ANSIBLE_DIR / "gpu-preflight.yml").read_text())
+    assert (play["hosts"], play["connection"], play["gather_facts"]) == ("localhost", "local", False), play
+    (task,) = play["tasks"]
+    assert task["ansible.builtin.include_role"] == {"name": "edgephi", "tasks_from": "preflight-gpu.yml"}, task
+    preflight = yaml.safe_load((ROLE / "tasks" / "preflight.yml").read_text())
+    assert {"name": "Preflight | GPU", "ansible.builtin.import_tasks": "preflight-gpu.yml"} in preflight
+    names = [t["name"] for t in yaml.safe_load((ROLE / "tasks" / "preflight-gpu.yml").read_text())]
+    assert names == ["Preflight | CPU-only mode skips the GPU checks", "Preflight | GPU checks"], names
+
+
+def test_gpu_preflight_passes_a_card_that_fits(tmp_path: Path) -> None:
+    run = gpu_preflight(tmp_path, A4000, "-e", "edgephi_profile=16gb")
+    assert run.rc == 0, run.tail()
+    assert run.recap["localhost"]["failed"] == 0 and run.recap["localhost"]["ok"] >= 3, run.tail()
+    assert "GPU NVIDIA RTX A4000: driver 570.86.15, compute capability 8.6" in run.output, run.tail()
+    assert "16376 MiB >= 15600 MiB for profile 16gb" in run.output, run.tail()
+    assert ("Preflight | CPU-only mode skips the GPU checks", "skipping", "localhost") in run.events, run.tail()
+
+
+@pytest.mark.parametrize(
+    ("smi_line", "args", "expect"),
+    [
+        (A4000, ["-e", "edgephi_profile=24gb"],
+         ["does not fit", "VRAM 16376 MiB < 23500 MiB needed by profile 24gb: choose a smaller profile"]),
+        (A4000, ["-e", "edgephi_profile=16gb", "-e", "edgephi_gpu_min_vram_mib=999999999"],
+         ["does not fit", "VRAM 16376 MiB < 999999999 MiB", "choose a smaller profile",
+          "or lower edgephi_gpu_min_vram_mib"]),
+        (T4, ["-e", "edgephi_profile=12gb"],
+         ["does not fit", "Compute capability 7.5 < 8.0", "need an Ampere (8.0) or newer GPU"]),
+        (None, ["-e", "edgephi_profile=16gb"],
+         ["No usable NVIDIA GPU 0 on localhost: nvidia-smi is not installed", "Fix: install the NVIDIA driver"]),
+    ],
+    ids=["card-too-small-for-24gb", "card-too-small-for-min-vram-override", "turing-card", "no-nvidia-smi"],
+)  # fmt: skip
+def test_gpu_preflight_fails_naming_the_fix(tmp_path: Path, smi_line: str | None, args: list[str],
+                                            expect: list[str]) -> None:  # fmt: skip
+    run = gpu_preflight(tmp_path, smi_line, *args)
+    assert run.rc != 0, run.tail()
+    assert run.recap["localhost"]["failed"] == 1, run.tail()
+    for text in expect:
+        assert text in run.output, (text, run.tail())
+
+
+def test_gpu_min_vram_override_replaces_the_profile_value(tmp_path: Path) -> None:
+    """edgephi_gpu_min_vram_mib replaces the profile's min_vram_mib: a 16 GB card passes under profile 24gb."""
+    run = gpu_preflight(tmp_path, A4000, "-e", "edgephi_profile=24gb", "-e", "edgephi_gpu_min_vram_mib=16000")
+    assert run.rc == 0, run.tail()
+    assert "16376 MiB >= 16000 MiB set by edgephi_gpu_min_vram_mib" in run.output, run.tail()
 
 
 # --------------------------------------------------------------------------------------------------

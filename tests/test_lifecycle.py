@@ -12,6 +12,8 @@ import psutil
 import pytest
 
 from edgephi.client import sampling
+from edgephi.v1 import inference_pb2 as pb
+from edgephi.v1 import inference_pb2_grpc as pb_grpc
 from tests.daemon import run_daemon
 
 GRACE_S = 10.0  # the 20-token short stream takes 1-4 s on the slow CPU W4A16 path, under CI load
@@ -43,16 +45,29 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
             except grpc.RpcError as exc:
                 out["error"] = exc
 
-        long_stream = c.generate("Once", sampling(max_tokens=2000, ignore_eos=True))
+        # The long stream is read by a slow client (1 KiB HTTP/2 window, no BDP growth) that waits out the
+        # grace: it is certainly still in flight then, whatever the engine's speed (a GPU makes 2,000 tokens
+        # in ~10 s).
+        slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        long_channel = grpc.insecure_channel(f"127.0.0.1:{d.port}", options=slow)
+        request = pb.GenerateRequest(text="Once", sampling=sampling(max_tokens=2000, ignore_eos=True))
+        long_stream = pb_grpc.InferenceServiceStub(long_channel).Generate(request, timeout=GRACE_S + 120)
         short_stream = c.generate("Twice", sampling(max_tokens=20, ignore_eos=True))
         next(long_stream)
         next(short_stream)
-        threads = [threading.Thread(target=consume, args=(long_stream, long_result)),
+        grace_over = threading.Event()
+
+        def consume_after_grace() -> None:
+            grace_over.wait(GRACE_S + 60)
+            consume(long_stream, long_result)
+
+        threads = [threading.Thread(target=consume_after_grace),
                    threading.Thread(target=consume, args=(short_stream, short_result))]
         for t in threads:
             t.start()
         sent = time.monotonic()
         d.proc.send_signal(signal.SIGTERM)
+        threading.Timer(GRACE_S + 0.5, grace_over.set).start()
         time.sleep(0.5)
         assert c.health() == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as err:
@@ -60,6 +75,7 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         for t in threads:
             t.join(GRACE_S + 30)
+        long_channel.close()
 
         assert "error" not in short_result, short_result
         assert len(long_result.get("msgs", [])) < 2000

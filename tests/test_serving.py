@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -16,6 +18,18 @@ from tests.conftest import MAX_QUEUED, MAX_STREAMS, STREAM_WRITE_TIMEOUT_S
 from tests.daemon import Daemon
 
 UNFINISHED = "edgephi_engine_unfinished_requests"
+
+
+def is_synthetic(artifact: Path) -> bool:
+    """A checkpoint of random weights with Phi-4's shapes (benchmarks/phi4_shape.py), not a trained model."""
+    meta = artifact / "edgephi_quantize.json"
+    return meta.is_file() and bool(json.loads(meta.read_text()).get("synthetic"))
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
 
 
 def collect(stream: object) -> tuple[list[pb.GenerateResponse], str, list[int]]:
@@ -60,7 +74,10 @@ def test_non_ascii_stream_is_utf8_safe(daemon: Daemon, tokenizer) -> None:  # ty
     assert "".join(m.text for m in msgs) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
-def test_chat_stops_at_end_of_turn(daemon: Daemon, tokenizer) -> None:  # type: ignore[no-untyped-def]
+def test_chat_stops_at_end_of_turn(daemon: Daemon, tokenizer, artifact) -> None:  # type: ignore[no-untyped-def]
+    if is_synthetic(artifact):
+        pytest.skip("random weights (benchmarks/phi4_shape.py) never learned to end a turn; the GPU acceptance "
+                    "run checks this on the stand-in it quantizes on CUDA")
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     with daemon.client() as c:
         msgs, text, ids = collect(c.chat([("user", "Return the absolute value of a number.")],
@@ -272,10 +289,51 @@ def test_concurrent_streams_are_independent(daemon: Daemon) -> None:
             t.join(120)
         solo = collect(c.generate("class Item0:", sampling(max_tokens=12, ignore_eos=True)))[1]
     assert len(results) == MAX_STREAMS
-    assert results[0] == solo
+    assert all(results.values())
+    # Batch invariance: vLLM's CPU kernels give a sequence the same greedy tokens alone or batched; on CUDA
+    # vLLM does not promise it (kernels and CUDA graphs differ by batch size), so there only the shape is checked.
+    if not cuda_available():
+        assert results[0] == solo
 
 
 def test_health_went_from_not_serving_to_serving(daemon: Daemon) -> None:
     assert daemon.health_seen[-1] == "SERVING"
     with daemon.client() as c:
         assert c.health("edgephi.v1.InferenceService") == "SERVING"
+
+
+# Every series the daemon exports (README's metrics.py row); labelled counters appear once a label is used.
+SERIES = ("edgephi_requests_total", "edgephi_time_to_first_token_seconds_count",
+          "edgephi_time_per_output_token_seconds_count", "edgephi_prompt_tokens_total",
+          "edgephi_completion_tokens_total", "edgephi_watchdog_misses_total", "edgephi_engine_restarts",
+          "edgephi_streams_running", "edgephi_streams_queued", "edgephi_serving", "edgephi_tokens_in_flight",
+          UNFINISHED, "edgephi_kv_cache_capacity_tokens", "edgephi_kv_cache_reserved_ratio")
+
+
+def test_metrics_series_are_present_and_move(daemon: Daemon) -> None:
+    """``/metrics`` answers 200 (``metrics()`` raises otherwise) with every series, and a request moves them."""
+    assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=30) == 0.0
+    before = daemon.metrics()
+    names = {key.split("{")[0] for key in before}
+    assert not [s for s in SERIES if s not in names and s != "edgephi_requests_total"], sorted(names)
+    assert before["edgephi_serving"] == 1.0 and before["edgephi_kv_cache_capacity_tokens"] > 0
+    ok = 'edgephi_requests_total{code="OK",method="Generate"}'
+    with daemon.client() as c:
+        stream = _long(c)
+        next(stream)
+        during = daemon.metrics()  # mid-stream: the gauges show the request in flight
+        stream.cancel()
+        with pytest.raises(grpc.RpcError):
+            list(stream)
+        msgs = list(c.generate("def add(a, b):", sampling(max_tokens=8, ignore_eos=True), timeout=60))
+    assert during[UNFINISHED] >= 1 and during["edgephi_streams_running"] >= 1, during
+    assert during["edgephi_tokens_in_flight"] > 0 and during["edgephi_kv_cache_reserved_ratio"] > 0, during
+    assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=30) == 0.0
+    after = daemon.metrics()
+    assert after[ok] == before.get(ok, 0.0) + 1
+    assert after["edgephi_completion_tokens_total"] >= before["edgephi_completion_tokens_total"] + 8
+    assert after["edgephi_prompt_tokens_total"] > before["edgephi_prompt_tokens_total"]
+    assert msgs[-1].usage.completion_tokens == 8
+    for hist in ("edgephi_time_to_first_token_seconds", "edgephi_time_per_output_token_seconds"):
+        assert after[f"{hist}_count"] >= before[f"{hist}_count"] + 1, hist
+        assert after[f"{hist}_sum"] > before[f"{hist}_sum"], hist

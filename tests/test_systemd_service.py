@@ -268,6 +268,14 @@ def _open_long_stream(c: Client, prompt: str) -> tuple[Any, Any]:
     raise AssertionError("unreachable")
 
 
+def _timespan_s(text: str) -> float:
+    """A systemd time span as ``systemctl show`` prints it ("1min", "1min 30s", "45s", "500ms") in seconds."""
+    units = {"h": 3600.0, "min": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6}
+    parts = re.findall(r"(\d+(?:\.\d+)?)\s*(h|min|ms|us|s)\b", text)
+    assert parts, f"not a systemd time span: {text!r}"
+    return sum(float(n) * units[u] for n, u in parts)
+
+
 def _logged_at(logged: list[tuple[float, str]], needle: str) -> float:
     """The daemon's own timestamp (logging's asctime, wall clock, ms) of the first line containing NEEDLE."""
     for _, m in logged:
@@ -601,9 +609,15 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     # the drain's own wait, from the daemon's timestamps (journald's are when it read the line: jittery)
     draining = _logged_at(logged, "edgephi.runtime: state: draining")
     aborted = _logged_at(logged, "drain: aborted 1 stream(s)")
-    assert GRACE_S - 0.05 <= aborted - draining <= GRACE_S + 1, (draining, aborted)  # the grace, then the cut
+    # the promise: the drain waits the grace, then cuts (a busy event loop may be a little late, never early)
+    assert GRACE_S - 0.05 <= aborted - draining <= GRACE_S + 2, (draining, aborted)
     assert short_r["ended"] < cut[0]  # the short one completed within the grace
-    assert stop_s < GRACE_S + 15, stop_s
+    # the rest (engine shutdown, systemd's own work) depends on the machine's load: a figure, bounded only by
+    # the unit's TimeoutStopSec, past which systemd would SIGKILL and the Result below would not be "success"
+    _figure("systemctl stop with a stream cut by the drain", stop_s)
+    _figure("drain end to stopped (engine shutdown + systemd)", stop_s - (aborted - draining))
+    timeout_stop_s = _timespan_s(svc.props("TimeoutStopUSec")["TimeoutStopUSec"])
+    assert stop_s < timeout_stop_s, (stop_s, timeout_stop_s)
 
     p = svc.props("ActiveState", "SubState", "Result", "ExecMainStatus")
     assert p == {"ActiveState": "inactive", "SubState": "dead", "Result": "success", "ExecMainStatus": "0"}, p

@@ -8,6 +8,7 @@ and killed. tests/test_systemd_service.py repeats the cases under a real systemd
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import signal
 import socket
@@ -15,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -101,7 +103,8 @@ def engine_core(d: Daemon) -> psutil.Process:
     raise AssertionError("no VLLM::EngineCore process under the daemon")
 
 
-def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path) -> None:
+def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path, record_property: Any) -> None:
+    """Timings are recorded as test properties (seconds; the GPU acceptance run reports them)."""
     with notified_daemon(artifact, tmp_path) as (d, n), d.client() as c:
         ready_at = n.wait_for("READY", timeout=300)
         # READY only after the engine answered: health SERVING by then, and loading status/extend came first.
@@ -118,6 +121,8 @@ def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path) -> None:
         time.sleep(3.5)
         pings = n.times("WATCHDOG", since=ready_at)
         assert len(pings) >= 2, n.messages[-5:]
+        gaps = [b - a for a, b in itertools.pairwise(pings)]
+        record_property("ping_interval_max_s", round(max(gaps), 3) if gaps else None)
         assert any("serving" in f.get("STATUS", "") for _, f in n.messages)
 
         # Wedged engine: engine-core stopped with SIGSTOP → no more pings.
@@ -130,11 +135,15 @@ def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path) -> None:
         assert d.metrics()["edgephi_watchdog_misses_total"] >= 1
         # Readiness follows: NOT_SERVING, and new requests UNAVAILABLE, while no progress is made.
         assert c.health() == "NOT_SERVING"
+        last_ping = max(n.times("WATCHDOG"), default=stopped_at)
+        record_property("sigstop_to_last_ping_s", round(last_ping - stopped_at, 3))
         with pytest.raises(grpc.RpcError) as err:
             list(c.generate("hi", sampling(max_tokens=2), timeout=30))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "progress" in (err.value.details() or "")
+        resumed_at = time.monotonic()
         core.send_signal(signal.SIGCONT)
-        n.wait_for("WATCHDOG", since=time.monotonic(), timeout=10)  # alive again → pings resume
+        first = n.wait_for("WATCHDOG", since=resumed_at, timeout=10)  # alive again → pings resume
+        record_property("sigcont_to_ping_s", round(first - resumed_at, 3))
         deadline = time.monotonic() + 10
         while c.health() != "SERVING":
             assert time.monotonic() < deadline, d.log()[-2000:]
@@ -148,6 +157,8 @@ def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stream)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        record_property("sigkill_to_unavailable_s", round(time.monotonic() - killed_at, 3))
         assert time.monotonic() - killed_at < 3 * WATCHDOG_USEC / 1e6 + 5
         assert d.proc.wait(60) == 1, d.log()[-3000:]
+        record_property("sigkill_to_exit_s", round(time.monotonic() - killed_at, 3))
         assert not n.times("WATCHDOG", since=killed_at + WATCHDOG_USEC / 1e6)
