@@ -2,8 +2,8 @@
 
 Tolerances come from the arithmetic, not from trial: bf16 keeps 8 significant bits (7 stored + 1 implicit),
 so rounding a value to bf16 moves it by at most ``u = 2**-8`` of itself (round to nearest); an fp32 sum of
-``K`` products is within ``γ_K = K·2**-24 / (1 − K·2**-24)`` of ``Σ|x·w|`` (Higham, *Accuracy and Stability of Numerical Algorithms*,
-§3.1). Per output element, with ``S = Σ_k |x_k·w_k| + |bias|``:
+``K`` products is within ``γ_K = K·2**-24 / (1 − K·2**-24)`` of ``Σ|x·w|`` (Higham, *Accuracy and
+Stability of Numerical Algorithms*, §3.1). Per output element, with ``S = Σ_k |x_k·w_k| + |bias|``:
 
 * edgephi's portable kernel dequantizes exactly in fp32 (a 4-bit integer times a bf16 scale fits fp32's 24
   bits), sums in fp32 and rounds once to bf16: ``|out − ref| ≤ γ_K·S + u·|ref|·(1 + γ_K)``.
