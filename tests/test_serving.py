@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -216,6 +217,11 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         streams = [_long(c) for _ in range(MAX_STREAMS)]
         for s in streams:
             next(s)  # running: first token received
+        # Read the held streams all along: an unread stream would fill its HTTP/2 window and be ended by the
+        # write timeout (EDGEPHI_STREAM_WRITE_TIMEOUT_S), freeing its slot mid-test on a fast engine.
+        readers = [threading.Thread(target=_drain_quietly, args=(s,), daemon=True) for s in streams]
+        for r in readers:
+            r.start()
         streams.append(_long(c))
         assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED, daemon.metrics()
         started = time.monotonic()
@@ -229,8 +235,17 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         next(streams[-1])
         for s in streams:
             s.cancel()
+        for r in readers:
+            r.join(30)
     assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0
     assert daemon.wait_metric("edgephi_streams_queued", 0.0) == 0.0
+
+
+def _drain_quietly(stream) -> None:  # type: ignore[no-untyped-def]
+    """Read a stream to its end; a cancel by the test ends it with CANCELLED, which is expected."""
+    with contextlib.suppress(grpc.RpcError):
+        for _ in stream:
+            pass
 
 
 @pytest.mark.parametrize(("method", "streaming"), [("Generate", True), ("CountTokens", False)])
