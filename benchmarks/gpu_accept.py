@@ -160,7 +160,7 @@ def vllm_processes() -> list[str]:
     for p in psutil.process_iter(["pid", "name", "cmdline", "status"]):
         with contextlib.suppress(psutil.Error):
             title = f"{p.info['name']} {' '.join(p.info['cmdline'] or [])}"
-            if ("VLLM" in title or "EngineCore" in title) and p.info["status"] != psutil.STATUS_ZOMBIE:
+            if ("VLLM::" in title or "EngineCore" in title) and p.info["status"] != psutil.STATUS_ZOMBIE:
                 found.append(f"{p.pid} {title[:80]}")
     return found
 

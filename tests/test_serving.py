@@ -44,7 +44,7 @@ def tokenizer(artifact):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("prompt", ["def read_file(path):\n    \"\"\"Return", "Grüße, café — naïve «ünïcödé» 日本語: "])
-def test_stream_deltas_concatenate_to_full_text(daemon: Daemon, tokenizer, prompt: str) -> None:  # type: ignore[no-untyped-def]
+def test_stream_deltas_concatenate_to_full_text(daemon: Daemon, tokenizer, prompt: str, artifact) -> None:  # type: ignore[no-untyped-def]
     with daemon.client() as c:
         msgs, text, ids = collect(c.generate(prompt, sampling(max_tokens=40, temperature=0.0, ignore_eos=True)))
         again = collect(c.generate(prompt, sampling(max_tokens=40, temperature=0.0, ignore_eos=True)))[1]
@@ -58,7 +58,11 @@ def test_stream_deltas_concatenate_to_full_text(daemon: Daemon, tokenizer, promp
     assert last.usage.completion_tokens == 40
     assert last.usage.prompt_tokens == len(tokenizer.encode(prompt, add_special_tokens=False))
     assert all(m.finish_reason == pb.FINISH_REASON_UNSPECIFIED for m in msgs[:-1])
-    assert again == text  # greedy is deterministic
+    # Greedy is deterministic: the repeat hits the prefix cache, a different prefill path. Random weights on
+    # CUDA give near-tied logits that such a change flips (vLLM promises no bitwise reproducibility there); the
+    # trained stand-in is checked on CUDA too (the GPU acceptance run serves it after quantizing).
+    if not (cuda_available() and is_synthetic(artifact)):
+        assert again == text
     # Not degenerate: the tiny model was trained, so greedy output is not one token repeated.
     assert len(set(ids)) > 3
 
@@ -214,7 +218,15 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
     # Streams cancelled by earlier tests release their slots asynchronously on the server.
     assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=30) == 0.0, daemon.metrics()
     with daemon.client() as c:
-        streams = [_long(c) for _ in range(MAX_STREAMS)]
+        # Streams short enough that even one more than running + queued fits the KV cache: the refusal below is
+        # the queue's, not the KV-token limit's (Phi-4's KV is ~200 KiB/token: 1 GiB holds ~5,000 tokens).
+        capacity = int(daemon.metrics().get("edgephi_kv_cache_capacity_tokens", 10_000))
+        per_stream = min(1500, (capacity - 256) // (MAX_STREAMS + MAX_QUEUED + 2) - 16)
+
+        def _held(c):  # type: ignore[no-untyped-def]
+            return c.generate("Once upon a time", sampling(max_tokens=per_stream, ignore_eos=True, temperature=0.0))
+
+        streams = [_held(c) for _ in range(MAX_STREAMS)]
         for s in streams:
             next(s)  # running: first token received
         # Read the held streams all along: an unread stream would fill its HTTP/2 window and be ended by the
@@ -222,11 +234,11 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         readers = [threading.Thread(target=_drain_quietly, args=(s,), daemon=True) for s in streams]
         for r in readers:
             r.start()
-        streams.append(_long(c))
+        streams.append(_held(c))
         assert daemon.wait_metric("edgephi_streams_queued", float(MAX_QUEUED)) == MAX_QUEUED, daemon.metrics()
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            list(_long(c))
+            list(_held(c))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "busy" in err.value.details()
         assert time.monotonic() - started < 2.0
