@@ -231,6 +231,8 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
             next(s)  # running: first token received
         # Read the held streams all along: an unread stream would fill its HTTP/2 window and be ended by the
         # write timeout (EDGEPHI_STREAM_WRITE_TIMEOUT_S), freeing its slot mid-test on a fast engine.
+        # They read slowly (a message per 50 ms, far inside the write timeout), so the held streams outlast the
+        # test on any engine speed: 50 ms × per_stream tokens is tens of seconds.
         readers = [threading.Thread(target=_drain_quietly, args=(s,), daemon=True) for s in streams]
         for r in readers:
             r.start()
@@ -254,10 +256,10 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
 
 
 def _drain_quietly(stream) -> None:  # type: ignore[no-untyped-def]
-    """Read a stream to its end; a cancel by the test ends it with CANCELLED, which is expected."""
+    """Read a stream to its end, one message per 50 ms; a cancel by the test ends it with CANCELLED (expected)."""
     with contextlib.suppress(grpc.RpcError):
         for _ in stream:
-            pass
+            time.sleep(0.05)
 
 
 @pytest.mark.parametrize(("method", "streaming"), [("Generate", True), ("CountTokens", False)])

@@ -612,12 +612,13 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     # the promise: the drain waits the grace, then cuts (a busy event loop may be a little late, never early)
     assert GRACE_S - 0.05 <= aborted - draining <= GRACE_S + 2, (draining, aborted)
     assert short_r["ended"] < cut[0]  # the short one completed within the grace
-    # the rest (engine shutdown, systemd's own work) depends on the machine's load: a figure, bounded only by
-    # the unit's TimeoutStopSec, past which systemd would SIGKILL and the Result below would not be "success"
+    # the rest (engine shutdown, systemd's own work) depends on the machine's load: a figure, bounded
+    # generously (measured 8-16 s on 2 busy cores) and always inside the unit's TimeoutStopSec, past which
+    # systemd would SIGKILL and the Result below would not be "success"
     _figure("systemctl stop with a stream cut by the drain", stop_s)
     _figure("drain end to stopped (engine shutdown + systemd)", stop_s - (aborted - draining))
     timeout_stop_s = _timespan_s(svc.props("TimeoutStopUSec")["TimeoutStopUSec"])
-    assert stop_s < timeout_stop_s, (stop_s, timeout_stop_s)
+    assert stop_s < min(GRACE_S + 30, timeout_stop_s), (stop_s, timeout_stop_s)
 
     p = svc.props("ActiveState", "SubState", "Result", "ExecMainStatus")
     assert p == {"ActiveState": "inactive", "SubState": "dead", "Result": "success", "ExecMainStatus": "0"}, p
