@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.edgephi-installed
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test lint typecheck proto bench ansible-deps lint-ansible test-ansible clean
+.PHONY: venv demo test test-unit test-integration test-system lint typecheck proto bench ansible-deps lint-ansible test-ansible clean
 
 venv: $(STAMP)
 
@@ -28,11 +28,22 @@ proto: venv
 demo: venv
 	bash scripts/demo.sh
 
+# Every tier: unit (seconds, no vLLM), integration (real vLLM on the tiny stand-in), system (nspawn, Ansible).
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+test-unit: venv
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: venv
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-system: venv
+	$(PY) -m pytest tests/system $(PYTEST_ARGS)
+
 lint: venv
 	$(VENV)/bin/ruff check edgephi tests benchmarks hatch_build.py
+	$(VENV)/bin/ruff format --check edgephi tests benchmarks hatch_build.py
 
 typecheck: venv
 	$(VENV)/bin/mypy edgephi
@@ -49,7 +60,7 @@ lint-ansible: ansible-deps
 		.venv/bin/ansible-playbook -i inventory/example site.yml --syntax-check
 
 test-ansible: venv ansible-deps
-	$(PY) -m pytest tests/test_ansible.py $(PYTEST_ARGS)
+	$(PY) -m pytest tests/system/test_ansible.py $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache build dist edgephi/v1/*_pb2*.py*

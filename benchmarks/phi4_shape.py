@@ -31,15 +31,37 @@ from typing import Any
 
 GROUP = 128
 # Phi-4's special tokens and their ids (microsoft/phi-4 tokenizer).
-SPECIAL = {100257: "<|endoftext|>", 100264: "<|im_start|>", 100265: "<|im_end|>", 100266: "<|im_sep|>",
-           100349: "<|dummy_85|>"}
-PHI4 = {"hidden": 5120, "intermediate": 17920, "heads": 40, "kv_heads": 10, "layers": 40, "vocab": 100352,
-        "max_pos": 16384}
+SPECIAL = {
+    100257: "<|endoftext|>",
+    100264: "<|im_start|>",
+    100265: "<|im_end|>",
+    100266: "<|im_sep|>",
+    100349: "<|dummy_85|>",
+}
+PHI4 = {
+    "hidden": 5120,
+    "intermediate": 17920,
+    "heads": 40,
+    "kv_heads": 10,
+    "layers": 40,
+    "vocab": 100352,
+    "max_pos": 16384,
+}
 # What auto-round 0.16.1's auto_gptq export writes for W4A16 g128 sym (used when no real artifact is given).
 DEFAULT_QCONFIG: dict[str, Any] = {
-    "amp": False, "autoround_version": "0.16.1", "bits": 4, "damp_percent": 0.01, "data_type": "int",
-    "desc_act": False, "group_size": GROUP, "iters": 256, "lm_head": False, "provider": "auto-round",
-    "quant_method": "gptq", "sym": True, "true_sequential": False,
+    "amp": False,
+    "autoround_version": "0.16.1",
+    "bits": 4,
+    "damp_percent": 0.01,
+    "data_type": "int",
+    "desc_act": False,
+    "group_size": GROUP,
+    "iters": 256,
+    "lm_head": False,
+    "provider": "auto-round",
+    "quant_method": "gptq",
+    "sym": True,
+    "true_sequential": False,
 }
 PHI4_CHAT_TEMPLATE = (
     "{% for message in messages %}{% if (message['role'] == 'system') %}"
@@ -101,18 +123,37 @@ def _write_tokenizer(out: Path, vocab_size: int, max_len: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(
-        [AddedToken(t, special=True, normalized=False) for i, t in SPECIAL.items() if i < vocab_size])
+        [AddedToken(t, special=True, normalized=False) for i, t in SPECIAL.items() if i < vocab_size]
+    )
     tok.save(str(out / "tokenizer.json"))
-    cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_len,
-           "bos_token": SPECIAL[100257], "eos_token": SPECIAL[100265], "pad_token": SPECIAL[100349],
-           "clean_up_tokenization_spaces": False, "chat_template": PHI4_CHAT_TEMPLATE}
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_len,
+        "bos_token": SPECIAL[100257],
+        "eos_token": SPECIAL[100265],
+        "pad_token": SPECIAL[100349],
+        "clean_up_tokenization_spaces": False,
+        "chat_template": PHI4_CHAT_TEMPLATE,
+    }
     (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
 
 
-def build(out: Path, *, layers: int = 40, hidden: int = 5120, intermediate: int = 17920, heads: int = 40,
-          kv_heads: int = 10, vocab: int = 100352, max_pos: int = 16384, layers_per_shard: int = 8,
-          device: str | None = None, seed: int = 0, like: Path | None = None, quantized: bool = True
-          ) -> dict[str, Any]:
+def build(
+    out: Path,
+    *,
+    layers: int = 40,
+    hidden: int = 5120,
+    intermediate: int = 17920,
+    heads: int = 40,
+    kv_heads: int = 10,
+    vocab: int = 100352,
+    max_pos: int = 16384,
+    layers_per_shard: int = 8,
+    device: str | None = None,
+    seed: int = 0,
+    like: Path | None = None,
+    quantized: bool = True,
+) -> dict[str, Any]:
     """Write the checkpoint to ``out`` (atomically: a temporary sibling renamed at the end). Returns a summary.
 
     ``quantized=False`` writes the same shapes unquantized (bf16 linears, no ``quantization_config``): only for
@@ -164,37 +205,71 @@ def build(out: Path, *, layers: int = 40, hidden: int = 5120, intermediate: int 
             total += x.numel() * x.element_size()
         del t
     (tmp / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
+    )
 
     qconfig = dict(DEFAULT_QCONFIG)
     if like is not None and (like / "config.json").is_file():
         qconfig = json.loads((like / "config.json").read_text()).get("quantization_config") or qconfig
     config = {
-        "architectures": ["Phi3ForCausalLM"], "model_type": "phi3", "attention_bias": False,
-        "attention_dropout": 0.0, "embd_pdrop": 0.0, "resid_pdrop": 0.0, "hidden_act": "silu",
-        "initializer_range": 0.02, "hidden_size": hidden, "intermediate_size": intermediate,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "vocab_size": vocab, "max_position_embeddings": max_pos, "original_max_position_embeddings": max_pos,
-        "rope_theta": 250000.0, "rope_scaling": None, "rms_norm_eps": 1e-5, "sliding_window": None,
-        "tie_word_embeddings": False, "use_cache": True, "torch_dtype": "bfloat16",
-        "bos_token_id": 100257, "eos_token_id": 100265, "pad_token_id": 100349,
+        "architectures": ["Phi3ForCausalLM"],
+        "model_type": "phi3",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "embd_pdrop": 0.0,
+        "resid_pdrop": 0.0,
+        "hidden_act": "silu",
+        "initializer_range": 0.02,
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "num_hidden_layers": layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "vocab_size": vocab,
+        "max_position_embeddings": max_pos,
+        "original_max_position_embeddings": max_pos,
+        "rope_theta": 250000.0,
+        "rope_scaling": None,
+        "rms_norm_eps": 1e-5,
+        "sliding_window": None,
+        "tie_word_embeddings": False,
+        "use_cache": True,
+        "torch_dtype": "bfloat16",
+        "bos_token_id": 100257,
+        "eos_token_id": 100265,
+        "pad_token_id": 100349,
         "quantization_config": qconfig,
     }
     if not quantized:
         del config["quantization_config"]
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
-    (tmp / "generation_config.json").write_text(json.dumps(
-        {"bos_token_id": 100257, "eos_token_id": [100265, 100257], "pad_token_id": 100349}, indent=1))
+    (tmp / "generation_config.json").write_text(
+        json.dumps({"bos_token_id": 100257, "eos_token_id": [100265, 100257], "pad_token_id": 100349}, indent=1)
+    )
     _write_tokenizer(tmp, vocab, max_pos)
-    meta: dict[str, Any] = {"synthetic": True, "quantized": quantized, "seed": seed,
-                            "source": "benchmarks/phi4_shape.py (random weights, Phi-4 shapes)"}
+    meta: dict[str, Any] = {
+        "synthetic": True,
+        "quantized": quantized,
+        "seed": seed,
+        "source": "benchmarks/phi4_shape.py (random weights, Phi-4 shapes)",
+    }
     if quantized:
-        meta.update(export_format="auto_gptq", bits=4, group_size=GROUP, sym=True,
-                    quantization_config_from=str(like) if like else "DEFAULT_QCONFIG")
+        meta.update(
+            export_format="auto_gptq",
+            bits=4,
+            group_size=GROUP,
+            sym=True,
+            quantization_config_from=str(like) if like else "DEFAULT_QCONFIG",
+        )
     (tmp / "edgephi_quantize.json").write_text(json.dumps(meta, indent=2))
     os.replace(tmp, out)
-    return {"path": str(out), "cached": False, "bytes": total, "seconds": round(time.time() - t0, 1),
-            "device": str(dev)}
+    return {
+        "path": str(out),
+        "cached": False,
+        "bytes": total,
+        "seconds": round(time.time() - t0, 1),
+        "device": str(dev),
+    }
 
 
 def _headers(model: Path) -> dict[str, dict[str, Any]]:
@@ -254,9 +329,19 @@ def main() -> None:
     ap.add_argument("--like", type=Path, default=None, help="copy quantization_config from this edgephi artifact")
     ap.add_argument("--bf16", action="store_true", help="unquantized (CPU dry runs without a W4A16 kernel)")
     a = ap.parse_args()
-    res = build(a.out, layers=a.layers, hidden=a.hidden, intermediate=a.intermediate, heads=a.heads,
-                kv_heads=a.kv_heads, vocab=a.vocab, max_pos=a.max_pos, device=a.device, like=a.like,
-                quantized=not a.bf16)
+    res = build(
+        a.out,
+        layers=a.layers,
+        hidden=a.hidden,
+        intermediate=a.intermediate,
+        heads=a.heads,
+        kv_heads=a.kv_heads,
+        vocab=a.vocab,
+        max_pos=a.max_pos,
+        device=a.device,
+        like=a.like,
+        quantized=not a.bf16,
+    )
     print(json.dumps({**res, **bytes_read_per_token(a.out)}))
 
 

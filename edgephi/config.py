@@ -78,7 +78,9 @@ class Settings(BaseSettings):
         30.0, ge=0.0, le=3600.0, description="SIGTERM: time in-flight streams get to finish (s)."
     )
     stream_write_timeout_s: float = Field(
-        30.0, gt=0.0, le=3600.0,
+        30.0,
+        gt=0.0,
+        le=3600.0,
         description="A stream whose client reads nothing for this long (s) is aborted and its slot freed.",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
@@ -122,8 +124,11 @@ class Settings(BaseSettings):
                 f"EDGEPHI_DEFAULT_MAX_TOKENS ({self.default_max_tokens}) must be below EDGEPHI_MAX_MODEL_LEN "
                 f"({self.max_model_len})"
             )
-        if (self.memory_soft_limit_gib and self.memory_hard_limit_gib
-                and self.memory_soft_limit_gib >= self.memory_hard_limit_gib):
+        if (
+            self.memory_soft_limit_gib
+            and self.memory_hard_limit_gib
+            and self.memory_soft_limit_gib >= self.memory_hard_limit_gib
+        ):
             raise ValueError("EDGEPHI_MEMORY_SOFT_LIMIT_GIB must be below EDGEPHI_MEMORY_HARD_LIMIT_GIB")
         return self
 
@@ -135,9 +140,7 @@ def _unknown_env_keys(environ: dict[str, str]) -> list[str]:
 
 
 # Read by the CLI client commands and the dev-model builder, not by the daemon (but allowed beside it).
-CLI_ENV_KEYS = frozenset(
-    ENV_PREFIX + k for k in ("ENV_FILE", "CACHE_DIR", "CLIENT_HOST", "CLIENT_PORT", "STORE_DIR")
-)
+CLI_ENV_KEYS = frozenset(ENV_PREFIX + k for k in ("ENV_FILE", "CACHE_DIR", "CLIENT_HOST", "CLIENT_PORT", "STORE_DIR"))
 
 
 def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:

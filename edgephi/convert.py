@@ -284,8 +284,9 @@ def count_tokens(req: pb.CountTokensRequest, tokenizer: Tokenizer, limits: Limit
         return len(encode_bounded(tokenizer, req.text, limits.max_context_tokens, "text"))
     if which == "chat":
         msgs = chat_messages(req.chat.messages, "chat.messages", limits.max_context_tokens, tokenizer.special_tokens)
-        return len(encode_bounded(tokenizer, tokenizer.render_chat_text(msgs), limits.max_context_tokens,
-                                  "chat.messages"))
+        return len(
+            encode_bounded(tokenizer, tokenizer.render_chat_text(msgs), limits.max_context_tokens, "chat.messages")
+        )
     raise InvalidArgument("input", "set either text or chat")
 
 

@@ -46,8 +46,9 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-a
         method = details.method or ""
 
         async def refuse(request: _Undecodable, context: Any) -> None:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"request: not a valid message for {method} ({request.reason})")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"request: not a valid message for {method} ({request.reason})"
+            )
 
         safe = _safe(handler.request_deserializer)
         if not handler.response_streaming:

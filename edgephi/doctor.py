@@ -79,12 +79,15 @@ def _gpu(cpu_only: bool) -> list[Check]:
             cc = tuple(pynvml.nvmlDeviceGetCudaComputeCapability(handle))
             memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
             ok = cc >= MIN_COMPUTE_CAPABILITY
-            checks.append(Check(
-                "gpu" if count == 1 else f"gpu {index}", ok,
-                f"{name}, compute capability {cc[0]}.{cc[1]}, VRAM {int(memory.total) // 2**20} MiB total, "
-                f"{int(memory.free) // 2**20} MiB free",
-                "" if ok else "vLLM's int4 (Marlin) kernels need compute capability >= 8.0",
-            ))
+            checks.append(
+                Check(
+                    "gpu" if count == 1 else f"gpu {index}",
+                    ok,
+                    f"{name}, compute capability {cc[0]}.{cc[1]}, VRAM {int(memory.total) // 2**20} MiB total, "
+                    f"{int(memory.free) // 2**20} MiB free",
+                    "" if ok else "vLLM's int4 (Marlin) kernels need compute capability >= 8.0",
+                )
+            )
         return checks
     finally:
         pynvml.nvmlShutdown()
@@ -93,8 +96,12 @@ def _gpu(cpu_only: bool) -> list[Check]:
 def _artifact(settings: Settings) -> Check:
     model = Path(settings.model)
     if not model.exists():
-        return Check("artifact", False, f"{model} does not exist",
-                     "run `edgephi quantize` or `edgephi fetch`, or set EDGEPHI_MODEL")
+        return Check(
+            "artifact",
+            False,
+            f"{model} does not exist",
+            "run `edgephi quantize` or `edgephi fetch`, or set EDGEPHI_MODEL",
+        )
     try:
         shape = guards.read_shape(model.resolve())
     except ConfigError as exc:
@@ -104,8 +111,12 @@ def _artifact(settings: Settings) -> Check:
         return Check("artifact", True, f"{model.resolve()} ({shape.weights_bytes / GiB:.2f} GiB), no manifest")
     bad = verify_manifest_files(model)
     if bad:
-        return Check("artifact", False, f"manifest mismatch: {', '.join(bad[:3])}",
-                     "re-fetch or re-quantize; `edgephi models use` a good artifact")
+        return Check(
+            "artifact",
+            False,
+            f"manifest mismatch: {', '.join(bad[:3])}",
+            "re-fetch or re-quantize; `edgephi models use` a good artifact",
+        )
     return Check("artifact", True, f"{model.resolve()} verified against manifest.json")
 
 
@@ -136,8 +147,11 @@ def _memory(settings: Settings) -> Check:
         return Check("memory", None, "not estimated: no local artifact to measure")
     changes = f"; fitted: {', '.join(fit.changes)}" if fit.changes else ""
     avail = psutil.virtual_memory().available / GiB
-    return Check("memory", True, f"needs ≈ {fit.need_bytes / GiB:.2f} GiB on the device; host has {avail:.1f} GiB "
-                 f"available{changes}")
+    return Check(
+        "memory",
+        True,
+        f"needs ≈ {fit.need_bytes / GiB:.2f} GiB on the device; host has {avail:.1f} GiB available{changes}",
+    )
 
 
 def _disk(settings: Settings) -> Check:
@@ -152,16 +166,24 @@ def _disk(settings: Settings) -> Check:
 def _unit() -> Check:
     if shutil.which("systemctl") is None:
         return Check("unit", None, "systemctl not found")
-    proc = subprocess.run(["systemctl", "show", UNIT, "-p", "LoadState,ActiveState,SubState,NRestarts"],
-                          capture_output=True, text=True, timeout=10, check=False)
+    proc = subprocess.run(
+        ["systemctl", "show", UNIT, "-p", "LoadState,ActiveState,SubState,NRestarts"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+        check=False,
+    )
     if proc.returncode != 0:
         return Check("unit", None, f"systemd not reachable: {proc.stderr.strip().splitlines()[0][:120]}")
     props = dict(line.split("=", 1) for line in proc.stdout.splitlines() if "=" in line)
     if props.get("LoadState") != "loaded":
         return Check("unit", False, f"{UNIT} not installed", "provision with ansible/site.yml")
-    return Check("unit", props.get("ActiveState") == "active",
-                 f"{props.get('ActiveState')}/{props.get('SubState')}, restarts {props.get('NRestarts')}",
-                 "" if props.get("ActiveState") == "active" else f"journalctl -u {UNIT} -n 50")
+    return Check(
+        "unit",
+        props.get("ActiveState") == "active",
+        f"{props.get('ActiveState')}/{props.get('SubState')}, restarts {props.get('NRestarts')}",
+        "" if props.get("ActiveState") == "active" else f"journalctl -u {UNIT} -n 50",
+    )
 
 
 def _port(settings: Settings) -> Check:
@@ -169,6 +191,10 @@ def _port(settings: Settings) -> Check:
         try:
             s.bind((settings.host, settings.port))
         except OSError:
-            return Check("port", None, f"{settings.host}:{settings.port} in use (by the daemon if it is running)",
-                         f"`edgephi health --port {settings.port}` should print SERVING")
+            return Check(
+                "port",
+                None,
+                f"{settings.host}:{settings.port} in use (by the daemon if it is running)",
+                f"`edgephi health --port {settings.port}` should print SERVING",
+            )
     return Check("port", True, f"{settings.host}:{settings.port} free")

@@ -163,10 +163,12 @@ class HfTokenizer:
         # its token decodes to.
         self.max_token_chars = max((len(t) for t in self._tok.get_vocab()), default=1)
         added = getattr(self._tok, "added_tokens_decoder", {}) or {}
-        self.special_tokens = tuple(sorted(
-            {str(t.content) for t in added.values() if getattr(t, "special", False)}
-            | {str(t) for t in self._tok.all_special_tokens}
-        ))
+        self.special_tokens = tuple(
+            sorted(
+                {str(t.content) for t in added.values() if getattr(t, "special", False)}
+                | {str(t) for t in self._tok.all_special_tokens}
+            )
+        )
 
     def encode(self, text: str) -> list[int]:
         """Token ids of ``text`` (no BOS/EOS added), each in ``[0, vocab_size)``."""
@@ -261,9 +263,7 @@ class VllmEngine:
         except (ValueError, TypeError, OSError) as exc:  # pydantic's ValidationError is a ValueError
             first = str(exc).strip().splitlines()
             detail = " ".join(line.strip() for line in first[:3])
-            raise EngineLoadError(
-                f"cannot load {settings.model!r} with these settings: {detail}", EXIT_CONFIG
-            ) from exc
+            raise EngineLoadError(f"cannot load {settings.model!r} with these settings: {detail}", EXIT_CONFIG) from exc
         except Exception as exc:
             raise EngineLoadError(f"engine failed to start: {type(exc).__name__}: {exc}", 1) from exc
         try:
@@ -271,9 +271,7 @@ class VllmEngine:
             tokenizer = await asyncio.to_thread(HfTokenizer, settings.model, vocab)
             cache = llm.vllm_config.cache_config
             kv_tokens = int(cache.num_gpu_blocks or 0) * int(cache.block_size or 0)
-            info = await asyncio.to_thread(
-                _model_info, settings, int(llm.model_config.max_model_len), vocab, kv_tokens
-            )
+            info = await asyncio.to_thread(_model_info, settings, int(llm.model_config.max_model_len), vocab, kv_tokens)
             engine = cls(llm, settings, tokenizer, info)
             try:
                 engine._cores.check()

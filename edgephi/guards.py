@@ -74,8 +74,9 @@ def _shape_from_config(cfg: dict[str, Any], weights: int) -> ModelShape:
     rope_type = (cfg.get("rope_parameters") or {}).get("rope_type", "default")
     extended = bool(cfg.get("rope_scaling")) or rope_type != "default"  # RoPE scaling: vLLM derives a longer one
     max_positions = int(positions) if positions and not extended else None
-    return ModelShape(weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim,
-                      max_positions)
+    return ModelShape(
+        weights, int(cfg["num_hidden_layers"]), int(cfg.get("num_key_value_heads", heads)), head_dim, max_positions
+    )
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,11 @@ def fit_to_budget(settings: Settings, shape: ModelShape, budget_gib: float) -> F
         changes.append(f"max_model_len {settings.max_model_len} → {fits}")
         context = int(fits)
     default_max = min(settings.default_max_tokens, context // 2)
-    update: dict[str, object] = {"kv_cache_dtype": kv_dtype, "max_model_len": context,
-                                 "default_max_tokens": default_max}
+    update: dict[str, object] = {
+        "kv_cache_dtype": kv_dtype,
+        "max_model_len": context,
+        "default_max_tokens": default_max,
+    }
     if settings.kv_cache_space_gib is None:
         # Pin the KV cache to what the budget leaves: vLLM 0.26 profiles activations smaller when it loads a
         # warm compile cache and then sizes the KV cache ~0.9 GiB past a gpu_memory_utilization budget
@@ -203,9 +207,12 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
         fit = fit_to_budget(settings, shape, settings.vram_budget_gib)
         if gpu is not None:
             util = min(0.99, settings.vram_budget_gib * GiB / gpu.total_bytes)
-            fit = Fit(fit.settings.model_copy(update={"gpu_memory_utilization": round(util, 4)}),
-                      (*fit.changes, f"gpu_memory_utilization → {util:.4f} of {gpu.total_bytes / GiB:.1f} GiB"),
-                      fit.need_bytes, fit.budget_bytes)
+            fit = Fit(
+                fit.settings.model_copy(update={"gpu_memory_utilization": round(util, 4)}),
+                (*fit.changes, f"gpu_memory_utilization → {util:.4f} of {gpu.total_bytes / GiB:.1f} GiB"),
+                fit.need_bytes,
+                fit.budget_bytes,
+            )
     if gpu is not None:
         want = int(fit.settings.gpu_memory_utilization * gpu.total_bytes)
         if want > gpu.free_bytes:
@@ -219,9 +226,15 @@ def preflight(settings: Settings, gpu: GpuState | None = None, available_ram: in
     if gpu is None and fit.settings.kv_cache_space_gib is None and cpu_only_host():
         # vLLM's CPU backend would otherwise try to reserve gpu_memory_utilization (90 %) of the host's RAM.
         kv_gib = round(max(0.5, min(CPU_KV_MAX_GIB, available / GiB / 4)), 2)
-        fit = Fit(fit.settings.model_copy(update={"kv_cache_space_gib": kv_gib}),
-                  (*fit.changes, f"no GPU: kv_cache_space_gib → {kv_gib} GiB of host RAM "
-                   "(set EDGEPHI_KV_CACHE_SPACE_GIB to choose)"), fit.need_bytes, fit.budget_bytes)
+        fit = Fit(
+            fit.settings.model_copy(update={"kv_cache_space_gib": kv_gib}),
+            (
+                *fit.changes,
+                f"no GPU: kv_cache_space_gib → {kv_gib} GiB of host RAM (set EDGEPHI_KV_CACHE_SPACE_GIB to choose)",
+            ),
+            fit.need_bytes,
+            fit.budget_bytes,
+        )
     # Host RAM: the weights pass through host memory while loading; the CPU backend also keeps KV there.
     host_need = shape.weights_bytes + 2 * GiB
     if gpu is None and fit.settings.kv_cache_space_gib is not None:
@@ -283,8 +296,9 @@ class MemoryWatch:
 
     RECOVER_MARGIN = 256 * 2**20
 
-    def __init__(self, soft_rss: int | None, hard_rss: int | None,
-                 soft_available: int | None, hard_available: int | None) -> None:
+    def __init__(
+        self, soft_rss: int | None, hard_rss: int | None, soft_available: int | None, hard_available: int | None
+    ) -> None:
         self.soft_rss, self.hard_rss = soft_rss, hard_rss
         self.soft_available, self.hard_available = soft_available, hard_available
         self.level = Level.OK
@@ -297,13 +311,17 @@ class MemoryWatch:
         if self.hard_rss is not None and r.rss_bytes >= self.hard_rss:
             self.level, self.reason = Level.HARD, f"service RSS {gi(r.rss_bytes)} ≥ hard limit {gi(self.hard_rss)}"
         elif self.hard_available is not None and r.available_bytes <= self.hard_available:
-            self.level, self.reason = (Level.HARD, f"host available {gi(r.available_bytes)} ≤ hard floor "
-                                                   f"{gi(self.hard_available)}")
+            self.level, self.reason = (
+                Level.HARD,
+                f"host available {gi(r.available_bytes)} ≤ hard floor {gi(self.hard_available)}",
+            )
         elif self.soft_rss is not None and r.rss_bytes >= self.soft_rss:
             self.level, self.reason = Level.SOFT, f"service RSS {gi(r.rss_bytes)} ≥ soft limit {gi(self.soft_rss)}"
         elif self.soft_available is not None and r.available_bytes <= self.soft_available:
-            self.level, self.reason = (Level.SOFT, f"host available {gi(r.available_bytes)} ≤ soft floor "
-                                                   f"{gi(self.soft_available)}")
+            self.level, self.reason = (
+                Level.SOFT,
+                f"host available {gi(r.available_bytes)} ≤ soft floor {gi(self.soft_available)}",
+            )
         elif self.level == Level.SOFT:
             rss_ok = self.soft_rss is None or r.rss_bytes < self.soft_rss - self.RECOVER_MARGIN
             avail_ok = self.soft_available is None or r.available_bytes > self.soft_available + self.RECOVER_MARGIN
@@ -316,8 +334,12 @@ def watch_from_settings(settings: Settings) -> MemoryWatch | None:
     def b(v: float | None) -> int | None:
         return int(v * GiB) if v is not None else None
 
-    w = MemoryWatch(b(settings.memory_soft_limit_gib), b(settings.memory_hard_limit_gib),
-                    b(settings.min_available_soft_gib), b(settings.min_available_hard_gib))
+    w = MemoryWatch(
+        b(settings.memory_soft_limit_gib),
+        b(settings.memory_hard_limit_gib),
+        b(settings.min_available_soft_gib),
+        b(settings.min_available_hard_gib),
+    )
     if all(x is None for x in (w.soft_rss, w.hard_rss, w.soft_available, w.hard_available)):
         return None
     return w

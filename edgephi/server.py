@@ -269,8 +269,9 @@ async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:
             rt.request_stop(EXIT_MEMORY)
 
     pid = os.getpid()
-    await guards.run_memory_watch(watch, lambda: guards.read_memory(pid), rt.settings.memory_check_interval_s,
-                                  on_change)
+    await guards.run_memory_watch(
+        watch, lambda: guards.read_memory(pid), rt.settings.memory_check_interval_s, on_change
+    )
 
 
 def _write_atomic(path: Path, text: str) -> None:

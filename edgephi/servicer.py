@@ -146,10 +146,15 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):  # type: ignore[misc]
             log.warning("%s: client read nothing for %g s; stream aborted", request_id, timeout)
             self.rt.close_stream(request_id)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._abort(
-                    context, method, grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"stream aborted: the client read nothing for {timeout:g} s (EDGEPHI_STREAM_WRITE_TIMEOUT_S)",
-                ), ABORT_SEND_TIMEOUT_S)
+                await asyncio.wait_for(
+                    self._abort(
+                        context,
+                        method,
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"stream aborted: the client read nothing for {timeout:g} s (EDGEPHI_STREAM_WRITE_TIMEOUT_S)",
+                    ),
+                    ABORT_SEND_TIMEOUT_S,
+                )
             return
         except _GRPC_ERRORS:
             raise

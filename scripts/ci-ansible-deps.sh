@@ -1,5 +1,5 @@
 #!/bin/sh
-# Install what ansible/ and tests/test_ansible.py need, idempotently and quietly:
+# Install what ansible/ and tests/system/test_ansible.py need, idempotently and quietly:
 #   ansible/.venv   ansible (ansible-core + community.general, ansible.posix), ansible-lint, yamllint, as pinned
 #                   in ansible/requirements.txt (a virtualenv of its own: ansible's dependencies stay out of .venv)
 #   nftables        nft: the role's firewall rule is applied for real (inside the test guest's own network

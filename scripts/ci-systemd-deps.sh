@@ -1,5 +1,5 @@
 #!/bin/sh
-# Install what tests/nspawn.py and tests/test_systemd_unit.py need, idempotently and quietly:
+# Install what tests/nspawn.py and tests/system/test_systemd_unit.py need, idempotently and quietly:
 #   systemd-container  systemd-nspawn: boots a real systemd 252 as PID 1 of a guest
 #   systemd            systemd-analyze verify / security (normally present)
 #   util-linux         nsenter, mount, mountpoint (normally present)

@@ -39,6 +39,11 @@ def artifact(request: pytest.FixtureRequest) -> Path:
 @pytest.fixture(scope="session")
 def daemon(artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """The session's one real daemon (real vLLM engine, real gRPC on 127.0.0.1, port 0)."""
-    with run_daemon(artifact, tmp_path_factory.mktemp("daemon"), max_concurrent_streams=MAX_STREAMS,
-                    max_queued_requests=MAX_QUEUED, stream_write_timeout_s=STREAM_WRITE_TIMEOUT_S) as d:
+    with run_daemon(
+        artifact,
+        tmp_path_factory.mktemp("daemon"),
+        max_concurrent_streams=MAX_STREAMS,
+        max_queued_requests=MAX_QUEUED,
+        stream_write_timeout_s=STREAM_WRITE_TIMEOUT_S,
+    ) as d:
         yield d

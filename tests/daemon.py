@@ -103,22 +103,29 @@ def run_daemon(model: Path, workdir: Path, *, wait_ready: bool = True, **setting
     port_file = workdir / "ports.json"
     port_file.unlink(missing_ok=True)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
-    env.update({
-        "EDGEPHI_MODEL": str(model),
-        "EDGEPHI_PORT": "0",
-        "EDGEPHI_METRICS_PORT": "0",
-        "EDGEPHI_PORT_FILE": str(port_file),
-        "EDGEPHI_MAX_MODEL_LEN": "2048",
-        "EDGEPHI_KV_CACHE_SPACE_GIB": "1",
-        "EDGEPHI_ENFORCE_EAGER": "true",
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "EDGEPHI_MODEL": str(model),
+            "EDGEPHI_PORT": "0",
+            "EDGEPHI_METRICS_PORT": "0",
+            "EDGEPHI_PORT_FILE": str(port_file),
+            "EDGEPHI_MAX_MODEL_LEN": "2048",
+            "EDGEPHI_KV_CACHE_SPACE_GIB": "1",
+            "EDGEPHI_ENFORCE_EAGER": "true",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(_settings_override(os.environ.get(SETTINGS_OVERRIDE, "")))
     env.update({f"EDGEPHI_{k.upper()}": str(v) for k, v in settings.items()})
     log_path = workdir / "daemon.log"
     log = log_path.open("wb")
-    proc = subprocess.Popen([sys.executable, "-m", "edgephi.cli", "serve"], env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "edgephi.cli", "serve"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     daemon = None
     try:
         deadline = time.monotonic() + LOAD_TIMEOUT_S

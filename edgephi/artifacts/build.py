@@ -43,7 +43,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-#: What vLLM 0.32 loads (pinned by tests/test_artifacts.py against the installed vLLM):
+#: What vLLM 0.32 loads (pinned by tests/integration/test_artifacts.py against the installed vLLM):
 #: ``AutoGPTQConfig.TYPE_MAP`` keys for ``quant_method: gptq``, ``INCConfig.SUPPORTED_BITS`` for auto-round's format.
 VLLM_GPTQ_TYPES: frozenset[tuple[int, bool]] = frozenset({(4, True), (8, True)})
 VLLM_INC_BITS: frozenset[int] = frozenset({2, 3, 4, 5, 6, 7, 8})

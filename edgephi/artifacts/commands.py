@@ -317,8 +317,11 @@ def _human(n: int) -> str:
 def _models(args: argparse.Namespace, store: Any) -> int:
     if args.models_command == "list":
         if not Path(store.root).is_dir():
-            print(f"edgephi: no artifact store at {store.root}; install an artifact with `edgephi quantize` or "
-                  "`edgephi fetch`, or pass --store / set EDGEPHI_STORE_DIR", file=sys.stderr)
+            print(
+                f"edgephi: no artifact store at {store.root}; install an artifact with `edgephi quantize` or "
+                "`edgephi fetch`, or pass --store / set EDGEPHI_STORE_DIR",
+                file=sys.stderr,
+            )
             return 1
         items = store.list()
         if args.json:
@@ -330,9 +333,10 @@ def _models(args: argparse.Namespace, store: Any) -> int:
         for i in items:
             s = i.summary()
             gate = s["gate"]
-            gate_txt = "gate -" if not gate else (
-                f"gate {'ok' if gate['passed'] else 'FAILED'} ppl x{gate['ppl_ratio']} top1 {gate['top1_agreement']}"
-            )
+            gate_txt = "gate -"
+            if gate:
+                verdict = "ok" if gate["passed"] else "FAILED"
+                gate_txt = f"gate {verdict} ppl x{gate['ppl_ratio']} top1 {gate['top1_agreement']}"
             print(f"{'*' if i.current else ' '} {i.name:32} {_human(i.size):>10}  {s['created'] or '?':20}  {gate_txt}"
                   f"  {i.problem or s['source'] or ''}")  # fmt: skip
         return 0

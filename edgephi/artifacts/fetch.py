@@ -231,10 +231,17 @@ def download(
     transport = httpx.HTTPTransport(retries=2)  # connection-level retries (refused/reset before a response)
     timeouts = httpx.Timeout(timeout, connect=min(timeout, 30.0))
     with (
-        httpx.Client(transport=transport, timeout=timeouts, follow_redirects=True,
-                     headers={"User-Agent": "edgephi-fetch"}) as client,  # fmt: skip
-        tqdm(desc="download", unit="B", unit_scale=True, unit_divisor=1024, disable=None if show_progress else True,
-             mininterval=0.5) as bar,  # fmt: skip
+        httpx.Client(
+            transport=transport, timeout=timeouts, follow_redirects=True, headers={"User-Agent": "edgephi-fetch"}
+        ) as client,  # fmt: skip
+        tqdm(
+            desc="download",
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            disable=None if show_progress else True,
+            mininterval=0.5,
+        ) as bar,  # fmt: skip
     ):
         retrying = tenacity.Retrying(
             retry=tenacity.retry_if_exception_type((httpx.TransportError, _Retryable)),
@@ -312,9 +319,7 @@ def extract_archive(archive: Path, dest: Path) -> Path:
 # ------------------------------------------------------------------------------------------------------ hub
 
 
-def hub_snapshot(
-    repo_id: str, revision: str, *, cache_dir: Path | None = None, local_files_only: bool = False
-) -> Path:
+def hub_snapshot(repo_id: str, revision: str, *, cache_dir: Path | None = None, local_files_only: bool = False) -> Path:
     """``huggingface_hub.snapshot_download`` of ``repo_id`` at the pinned commit ``revision``.
 
     Only runs when the user asked for an ``hf://`` source; ``local_files_only`` (or ``HF_HUB_OFFLINE=1``)

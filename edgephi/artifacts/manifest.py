@@ -164,8 +164,11 @@ def load(root: Path) -> dict[str, Any]:
 
 def _safe_relpath(rel: str) -> bool:
     p = PurePosixPath(rel)
-    return bool(rel) and not p.is_absolute() and "\\" not in rel and all(
-        part not in ("", ".", "..") for part in rel.split("/")
+    return (
+        bool(rel)
+        and not p.is_absolute()
+        and "\\" not in rel
+        and all(part not in ("", ".", "..") for part in rel.split("/"))
     )
 
 

@@ -35,7 +35,7 @@ from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
 from tests.daemon import run_daemon
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("EDGEPHI_CACHE_DIR", REPO / ".cache"))
 #: few iterations and short samples: the point is the pipeline, not the quality
 QUICK = ["--iters", "4", "--nsamples", "8", "--seqlen", "128", "--batch-size", "8", "--gate-tokens", "2048"]

@@ -96,8 +96,9 @@ def test_cpu_only_box_gets_a_kv_cache_size_by_default(artifact: Path) -> None:
     assert any("kv_cache_space_gib" in c for c in fit.changes)
     big = guards.preflight(Settings(model=str(artifact), max_model_len=2048), gpu=None, available_ram=64 * GiB)
     assert big.settings.kv_cache_space_gib == guards.CPU_KV_MAX_GIB
-    mine = guards.preflight(Settings(model=str(artifact), max_model_len=2048, kv_cache_space_gib=1.5), gpu=None,
-                            available_ram=64 * GiB)
+    mine = guards.preflight(
+        Settings(model=str(artifact), max_model_len=2048, kv_cache_space_gib=1.5), gpu=None, available_ram=64 * GiB
+    )
     assert mine.settings.kv_cache_space_gib == 1.5 and not mine.changes
 
 
@@ -105,8 +106,9 @@ def test_serve_refuses_too_small_budget_with_exit_78(artifact: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_VRAM_BUDGET_GIB": "0.01", "EDGEPHI_PORT": "0"})
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
     assert "memory preflight" in proc.stderr and "short by" in proc.stderr
     assert time.monotonic() - started < 60  # refused before loading the engine
@@ -120,9 +122,16 @@ def test_soft_limit_sheds_and_recovers_then_hard_limit_exits(artifact: Path, tmp
     soft_floor = (base - 4.5 * GiB) / GiB
     hard_floor = (base - 9.0 * GiB) / GiB
     assert hard_floor > 1, "test needs ~10 GiB of free host RAM"
-    with run_daemon(artifact, tmp_path, min_available_soft_gib=f"{soft_floor:.3f}",
-                    min_available_hard_gib=f"{hard_floor:.3f}", memory_check_interval_s=0.25) as d, \
-            d.client() as c:
+    with (
+        run_daemon(
+            artifact,
+            tmp_path,
+            min_available_soft_gib=f"{soft_floor:.3f}",
+            min_available_hard_gib=f"{hard_floor:.3f}",
+            memory_check_interval_s=0.25,
+        ) as d,
+        d.client() as c,
+    ):
         assert c.health() == "SERVING"
         ballast = b"\x01" * int(4.5 * GiB)  # really touches the pages
         deadline = time.monotonic() + 20

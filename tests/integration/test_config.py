@@ -45,28 +45,33 @@ def test_unknown_key_in_env_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) 
         load_settings(env_file)
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("EDGEPHI_PORT", "70000", "EDGEPHI_PORT"),
-    ("EDGEPHI_MAX_CONCURRENT_STREAMS", "0", "EDGEPHI_MAX_CONCURRENT_STREAMS"),
-    ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "EDGEPHI_DEFAULT_MAX_TOKENS"),
-    ("EDGEPHI_GPU_MEMORY_UTILIZATION", "1.5", "EDGEPHI_GPU_MEMORY_UTILIZATION"),
-])
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("EDGEPHI_PORT", "70000", "EDGEPHI_PORT"),
+        ("EDGEPHI_MAX_CONCURRENT_STREAMS", "0", "EDGEPHI_MAX_CONCURRENT_STREAMS"),
+        ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "EDGEPHI_DEFAULT_MAX_TOKENS"),
+        ("EDGEPHI_GPU_MEMORY_UTILIZATION", "1.5", "EDGEPHI_GPU_MEMORY_UTILIZATION"),
+    ],
+)
 def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
     clean_env.setenv(key, value)
     with pytest.raises(ConfigError, match=expected):
         load_settings()
 
 
-@pytest.mark.parametrize(("key", "value", "expected"), [
-    ("EDGEPHI_LOG_LEVEL", "bogus", "EDGEPHI_LOG_LEVEL"),
-    ("EDGEPHI_ENGINE_EXTRA_ARGS", "{bad json", "JSON object"),
-    ("EDGEPHI_DRAIN_GRACE_S", "inf", "EDGEPHI_DRAIN_GRACE_S"),
-    ("EDGEPHI_DEFAULT_TEMPERATURE", "3", "EDGEPHI_DEFAULT_TEMPERATURE"),
-    ("EDGEPHI_PORT_FILE", "/nonexistent-dir/ports.json", "EDGEPHI_PORT_FILE"),
-    ("EDGEPHI_STREAM_WRITE_TIMEOUT_S", "0", "EDGEPHI_STREAM_WRITE_TIMEOUT_S"),
-])
-def test_more_bad_values_are_config_errors(clean_env: pytest.MonkeyPatch, key: str, value: str,
-                                           expected: str) -> None:
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("EDGEPHI_LOG_LEVEL", "bogus", "EDGEPHI_LOG_LEVEL"),
+        ("EDGEPHI_ENGINE_EXTRA_ARGS", "{bad json", "JSON object"),
+        ("EDGEPHI_DRAIN_GRACE_S", "inf", "EDGEPHI_DRAIN_GRACE_S"),
+        ("EDGEPHI_DEFAULT_TEMPERATURE", "3", "EDGEPHI_DEFAULT_TEMPERATURE"),
+        ("EDGEPHI_PORT_FILE", "/nonexistent-dir/ports.json", "EDGEPHI_PORT_FILE"),
+        ("EDGEPHI_STREAM_WRITE_TIMEOUT_S", "0", "EDGEPHI_STREAM_WRITE_TIMEOUT_S"),
+    ],
+)
+def test_more_bad_values_are_config_errors(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
     clean_env.setenv(key, value)
     with pytest.raises(ConfigError, match=expected):
         load_settings()
@@ -86,8 +91,9 @@ def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path
         port = busy.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
         env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": str(port), "EDGEPHI_MAX_MODEL_LEN": "2048"})
-        proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
-                              text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
+        )
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -99,18 +105,28 @@ def test_serve_with_the_metrics_port_in_use_exits_78(artifact: Path) -> None:
         busy.listen()
         port = busy.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
-        env.update({"EDGEPHI_MODEL": str(artifact), "EDGEPHI_PORT": "0", "EDGEPHI_METRICS_PORT": str(port),
-                    "EDGEPHI_MAX_MODEL_LEN": "2048"})
-        proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
-                              text=True, timeout=120)
+        env.update(
+            {
+                "EDGEPHI_MODEL": str(artifact),
+                "EDGEPHI_PORT": "0",
+                "EDGEPHI_METRICS_PORT": str(port),
+                "EDGEPHI_MAX_MODEL_LEN": "2048",
+            }
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
+        )
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
 
 
-@pytest.mark.parametrize(("args", "expected"), [
-    (["info", "--port", "99999"], "not a TCP port"),
-    (["health", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token"),
-])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["info", "--port", "99999"], "not a TCP port"),
+        (["health", "--token-file", "/nonexistent/token"], "--token-file /nonexistent/token"),
+    ],
+)
 def test_cli_argument_errors_exit_2_with_the_fix(args: list[str], expected: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgephi.cli", *args], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
@@ -120,8 +136,9 @@ def test_cli_argument_errors_exit_2_with_the_fix(args: list[str], expected: str)
 def test_serve_with_bad_config_exits_78_without_loading(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env["EDGEPHI_PROT"] = "1"
-    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == EXIT_CONFIG
     assert "EDGEPHI_PROT" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
 
@@ -129,7 +146,8 @@ def test_serve_with_bad_config_exits_78_without_loading(tmp_path: Path) -> None:
 def test_serve_with_missing_model_exits_78(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env.update({"EDGEPHI_MODEL": str(tmp_path / "nope"), "EDGEPHI_PORT": "0"})
-    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True,
-                          text=True, timeout=240)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=240
+    )
     assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
     assert "does not exist" in proc.stderr and str(tmp_path / "nope") in proc.stderr

@@ -65,8 +65,12 @@ class Flow:
                 action()
 
     def liveness(self) -> Liveness:
-        probe = Probe(check_health=self.check_health, core_pids=lambda: self.cores.pids,
-                      tokens_generated=self.tokens_generated, probe_generation=self.probe_generation)
+        probe = Probe(
+            check_health=self.check_health,
+            core_pids=lambda: self.cores.pids,
+            tokens_generated=self.tokens_generated,
+            probe_generation=self.probe_generation,
+        )
         return Liveness(probe, probe_timeout_s=2.0)
 
 
@@ -105,6 +109,7 @@ async def test_core_dying_during_the_probe_is_dead_not_alive(core: subprocess.Po
     liveness = flow.liveness()
     assert await liveness.check() is Verdict.ALIVE
     assert flow.probes == 1
+
     def kill_and_wait() -> None:
         core.kill()
         core.wait(5)

@@ -58,7 +58,7 @@ try:
 except ImportError:  # tests/ itself is on sys.path (pytest's rootdir-less "prepend" import mode)
     import nspawn  # type: ignore[import-not-found,no-redef]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ANSIBLE_DIR = REPO / "ansible"
 ROLE = ANSIBLE_DIR / "roles" / "edgephi"
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")

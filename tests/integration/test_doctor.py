@@ -14,8 +14,9 @@ from pathlib import Path
 def doctor(model: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env.update({"EDGEPHI_MODEL": str(model), "EDGEPHI_PORT": "0", "EDGEPHI_MAX_MODEL_LEN": "2048"})
-    return subprocess.run([sys.executable, "-m", "edgephi.cli", "doctor", *extra], env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "doctor", *extra], env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_doctor_passes_on_the_dev_artifact(artifact: Path) -> None:
@@ -35,8 +36,11 @@ def test_doctor_names_missing_artifact_and_gpu(tmp_path: Path) -> None:
 def test_doctor_detects_tampered_weights(artifact: Path, tmp_path: Path) -> None:
     copy = tmp_path / "artifact"
     shutil.copytree(artifact, copy, ignore=shutil.ignore_patterns("manifest.json"))
-    files = [{"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
-             for p in sorted(copy.iterdir()) if p.is_file()]
+    files = [
+        {"path": p.name, "size": p.stat().st_size, "sha256": hashlib.sha256(p.read_bytes()).hexdigest()}
+        for p in sorted(copy.iterdir())
+        if p.is_file()
+    ]
     (copy / "manifest.json").write_text(json.dumps({"files": files}))
     assert doctor(copy, "--cpu-only").returncode == 0
     weights = next(copy.glob("*.safetensors"))

@@ -3,7 +3,7 @@
 The server (http.server in a thread) serves artifact archives with ``Range`` support and ``ETag``, and can drop
 the connection in the middle of a body, throttle a body, or announce a size larger than any disk. The artifacts
 are small synthetic ones (random "weights", a manifest): fetching does not look inside the files, and the
-served/quantized path is covered in tests/test_artifacts.py. No mocks: every fault here is produced for real.
+served/quantized path is covered in tests/integration/test_artifacts.py. No mocks: every fault here is produced for real.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from edgephi.artifacts.store import Store, StoreError
 from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------- HTTP server

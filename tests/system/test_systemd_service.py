@@ -65,7 +65,7 @@ LONG_TOKENS = 1900  # prompt + this stays under EDGEPHI_MAX_MODEL_LEN=2048; ~1-6
 FIRST_TOKEN_MAX_S = 0.5  # a first token later than this: the client was starved, the stream may be done
 
 DROPIN_TEXT = f"""\
-# tests/test_systemd_service.py: fast fault cases
+# tests/system/test_systemd_service.py: fast fault cases
 [Unit]
 StartLimitIntervalSec=0
 

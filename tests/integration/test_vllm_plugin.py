@@ -43,8 +43,16 @@ def problem(k: int, n: int, group: int) -> dict[str, torch.Tensor]:
     bias = torch.randn(n, generator=gen).to(torch.bfloat16)
     reference = x.double() @ w + bias.double()  # float64: exact enough to be "the" value
     magnitude = x.double().abs() @ w.abs() + bias.double().abs()  # Σ|x·w| + |bias|, per output element
-    return {"q": q, "scales": scales, "w": w, "packed": packed, "x": x, "bias": bias, "reference": reference,
-            "magnitude": magnitude}
+    return {
+        "q": q,
+        "scales": scales,
+        "w": w,
+        "packed": packed,
+        "x": x,
+        "bias": bias,
+        "reference": reference,
+        "magnitude": magnitude,
+    }
 
 
 @pytest.mark.parametrize(("k", "n", "group"), SHAPES)
@@ -73,8 +81,15 @@ def test_resolved_gemm_is_within_bf16_weight_and_output_rounding(k: int, n: int,
     from vllm import _custom_ops as ops
 
     p = problem(k, n, group)
-    out = ops.cpu_gemm_wna16(input=p["x"], q_weight=p["packed"], scales=p["scales"], zeros=None, bias=p["bias"],
-                             pack_factor=8, isa_hint="vec")
+    out = ops.cpu_gemm_wna16(
+        input=p["x"],
+        q_weight=p["packed"],
+        scales=p["scales"],
+        zeros=None,
+        bias=p["bias"],
+        pack_factor=8,
+        isa_hint="vec",
+    )
     assert out.shape == (3, 7, n)
     bound = (gamma(k) + U_BF16) * p["magnitude"] + U_BF16 * p["reference"].abs() * (1 + gamma(k))
     error = (out.double() - p["reference"]).abs()

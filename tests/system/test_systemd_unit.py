@@ -25,7 +25,7 @@ try:
 except ImportError:  # tests/ itself is on sys.path (pytest's rootdir-less "prepend" import mode)
     import nspawn  # type: ignore[import-not-found,no-redef]
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 UNIT_PATH = REPO / "systemd" / "edgephi.service"
 ENV_EXAMPLE = REPO / "systemd" / "edgephi.env.example"
 UNIT = "edgephi.service"

@@ -2,7 +2,7 @@
 
 The test plays systemd's side of the documented protocol (sd_notify(3)): it binds ``NOTIFY_SOCKET`` and sets
 ``WATCHDOG_USEC``, then reads what the daemon sends while the real engine-core process is stopped, resumed
-and killed. tests/test_systemd_service.py repeats the cases under a real systemd.
+and killed. tests/system/test_systemd_service.py repeats the cases under a real systemd.
 """
 
 from __future__ import annotations

@@ -20,8 +20,10 @@ GRACE_S = 10.0  # the 20-token short stream takes 1-4 s on the slow CPU W4A16 pa
 
 
 def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path) -> None:
-    with run_daemon(artifact, tmp_path, wait_ready=False, drain_grace_s=GRACE_S,
-                    max_model_len=2048) as d, d.client() as c:
+    with (
+        run_daemon(artifact, tmp_path, wait_ready=False, drain_grace_s=GRACE_S, max_model_len=2048) as d,
+        d.client() as c,
+    ):
         # Loading: listening, but NOT_SERVING and requests are UNAVAILABLE.
         assert c.health() == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as err:
@@ -61,8 +63,10 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
             grace_over.wait(GRACE_S + 60)
             consume(long_stream, long_result)
 
-        threads = [threading.Thread(target=consume_after_grace),
-                   threading.Thread(target=consume, args=(short_stream, short_result))]
+        threads = [
+            threading.Thread(target=consume_after_grace),
+            threading.Thread(target=consume, args=(short_stream, short_result)),
+        ]
         for t in threads:
             t.start()
         sent = time.monotonic()

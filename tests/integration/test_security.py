@@ -25,21 +25,33 @@ from tests.daemon import Daemon, run_daemon
 TOKEN = "s3cret-token-0123456789abcdef"
 
 
-def _cert(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None, *, ca: bool = False,
-          server: bool = False) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _cert(
+    name: str,
+    issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None,
+    *,
+    ca: bool = False,
+    server: bool = False,
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.UTC)
-    builder = (x509.CertificateBuilder().subject_name(subject)
-               .issuer_name(issuer[0].subject if issuer else subject)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5))
-               .not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer[0].subject if issuer else subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
         import ipaddress
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     cert = builder.sign(issuer[1] if issuer else key, hashes.SHA256())
     return cert, key
 
@@ -47,8 +59,9 @@ def _cert(name: str, issuer: tuple[x509.Certificate, ec.EllipticCurvePrivateKey]
 def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> tuple[str, str]:
     path.mkdir(parents=True, exist_ok=True)
     (path / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (path / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                     serialization.NoEncryption()))
+    (path / "key.pem").write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     return str(path / "cert.pem"), str(path / "key.pem")
 
 
@@ -72,21 +85,37 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def secure_daemon(artifact: Path, pki: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Daemon:
     """mTLS + bearer token. The security layer sits in front of the engine, so most checks need no READY."""
-    with run_daemon(artifact, tmp_path_factory.mktemp("secure"), wait_ready=False,
-                    auth_token_file=pki["token"], tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"],
-                    tls_client_ca_file=pki["ca"]) as d:
+    with run_daemon(
+        artifact,
+        tmp_path_factory.mktemp("secure"),
+        wait_ready=False,
+        auth_token_file=pki["token"],
+        tls_cert_file=pki["server_cert"],
+        tls_key_file=pki["server_key"],
+        tls_client_ca_file=pki["ca"],
+    ) as d:
         yield d
 
 
-def _client(d: Daemon, pki: dict[str, str], *, token: str | None = TOKEN, mtls: bool = True,
-            rogue: bool = False) -> Client:
+def _client(
+    d: Daemon, pki: dict[str, str], *, token: str | None = TOKEN, mtls: bool = True, rogue: bool = False
+) -> Client:
     who = "rogue" if rogue else "client"
-    return Client(Connection("localhost", d.port, token, pki["ca"], pki[f"{who}_cert"] if mtls else None,
-                             pki[f"{who}_key"] if mtls else None))
+    return Client(
+        Connection(
+            "localhost",
+            d.port,
+            token,
+            pki["ca"],
+            pki[f"{who}_cert"] if mtls else None,
+            pki[f"{who}_key"] if mtls else None,
+        )
+    )
 
 
 def _wait_serving(c: Client) -> None:
     import time
+
     deadline = time.monotonic() + 300
     while c.health() != "SERVING":
         assert time.monotonic() < deadline
@@ -101,17 +130,23 @@ def test_mtls_with_token_generates(secure_daemon: Daemon, pki: dict[str, str]) -
 
 
 @pytest.mark.parametrize("token", [None, "wrong-token-0123456789abcdef", TOKEN + "x", ""])
-def test_missing_or_wrong_token_is_unauthenticated(secure_daemon: Daemon, pki: dict[str, str],
-                                                   token: str | None) -> None:
+def test_missing_or_wrong_token_is_unauthenticated(
+    secure_daemon: Daemon, pki: dict[str, str], token: str | None
+) -> None:
     with _client(secure_daemon, pki, token=token or None) as c:
-        for call in (lambda: list(c.generate("hi", sampling(max_tokens=1), timeout=10)),
-                     lambda: c.model_info(),
-                     lambda: c.count_tokens("hi")):
+        for call in (
+            lambda: list(c.generate("hi", sampling(max_tokens=1), timeout=10)),
+            lambda: c.model_info(),
+            lambda: c.count_tokens("hi"),
+        ):
             with pytest.raises(grpc.RpcError) as err:
                 call()
             assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-        raw = c.stub.Chat(pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")]), timeout=10,
-                          metadata=[("authorization", "Basic " + TOKEN)])
+        raw = c.stub.Chat(
+            pb.ChatRequest(messages=[pb.ChatMessage(role="user", content="x")]),
+            timeout=10,
+            metadata=[("authorization", "Basic " + TOKEN)],
+        )
         with pytest.raises(grpc.RpcError) as err:
             list(raw)
         assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -141,8 +176,9 @@ def test_token_never_logged(secure_daemon: Daemon) -> None:
 
 def test_server_tls_only(artifact: Path, pki: dict[str, str], tmp_path: Path) -> None:
     """TLS without client certificates: a client that trusts the CA connects; health answers during loading."""
-    with run_daemon(artifact, tmp_path, wait_ready=False, tls_cert_file=pki["server_cert"],
-                    tls_key_file=pki["server_key"]) as d:
+    with run_daemon(
+        artifact, tmp_path, wait_ready=False, tls_cert_file=pki["server_cert"], tls_key_file=pki["server_key"]
+    ) as d:
         with Client(Connection("localhost", d.port, None, pki["ca"])) as c:
             assert c.health() in ("SERVING", "NOT_SERVING")
         os.killpg(d.proc.pid, signal.SIGKILL)  # no need to wait for the engine: the handshake was the point
@@ -154,11 +190,13 @@ def test_group_readable_token_file_is_refused(tmp_path: Path) -> None:
     token.write_text(TOKEN)
     token.chmod(0o640)
     from edgephi.config import ConfigError
+
     with pytest.raises(ConfigError, match="chmod 600"):
         read_token(token)
     env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
     env.update({"EDGEPHI_AUTH_TOKEN_FILE": str(token), "EDGEPHI_MODEL": str(tmp_path)})
-    proc = subprocess.run([sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == EXIT_CONFIG
     assert "chmod 600" in proc.stderr and TOKEN not in proc.stderr

@@ -1,0 +1,1 @@
+"""Integration tier: see README's Tests section."""

@@ -1,0 +1,1 @@
+"""System tier: see README's Tests section."""

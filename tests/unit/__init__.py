@@ -1,0 +1,1 @@
+"""Unit tier: see README's Tests section."""
