@@ -131,7 +131,7 @@ def main() -> int:
         token_hi=vocab,
         request_timeout_s=120,
     )
-    # The daemon tests' engine settings (tests/daemon.py): CPU KV cache 1 GiB, eager, 2k context; 4 streams.
+    # The daemon tests' engine settings (edgephi/testing.py): CPU KV cache 1 GiB, eager, 2k context; 4 streams.
     settings: dict[str, Any] = {
         "model": str(model),
         "max_model_len": 2048,

@@ -60,7 +60,11 @@ from gpu_bench import SMOKE_DIMS, ensure_stubs
 from harness import REPO, MemorySampler, clean_env
 
 GiB = 2**30
-SERVING_TESTS = ["tests/integration/test_serving.py", "tests/integration/test_lifecycle.py", "tests/integration/test_watchdog.py"]
+SERVING_TESTS = [
+    "tests/integration/test_serving.py",
+    "tests/integration/test_lifecycle.py",
+    "tests/integration/test_watchdog.py",
+]
 # What the test daemons change on the GPU: CUDA graphs and torch.compile on (the appliance's default), and a
 # device-memory share small enough that a second daemon of a test can start beside the session's one.
 GPU_TEST_DAEMON = "ENFORCE_EAGER=false,GPU_MEMORY_UTILIZATION=0.3"

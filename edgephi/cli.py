@@ -15,7 +15,8 @@ import os
 import sys
 from pathlib import Path
 
-from edgephi.config import EXIT_CONFIG, ConfigError, load_settings
+from edgephi.config import ConfigError, load_settings
+from edgephi.exit_codes import ExitCode
 
 
 def _port(text: str) -> int:
@@ -122,7 +123,7 @@ def _serve(args: argparse.Namespace) -> int:
         settings = load_settings(args.env_file)
     except ConfigError as exc:
         print(f"edgephi: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     logging.getLogger().setLevel(settings.log_level)
     from edgephi.server import serve
 
@@ -130,7 +131,7 @@ def _serve(args: argparse.Namespace) -> int:
         code = asyncio.run(serve(settings))
     except ConfigError as exc:
         print(f"edgephi: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
+        return ExitCode.CONFIG
     # Collect the engine client now, while modules are intact (vLLM's AsyncLLM.__del__ fails at teardown).
     gc.collect()
     return code

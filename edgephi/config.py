@@ -20,11 +20,6 @@ from pydantic_settings.exceptions import SettingsError
 
 ENV_PREFIX = "EDGEPHI_"
 
-# Exit status for a configuration error or a preflight refusal (sysexits.h EX_CONFIG). The unit lists it in
-# RestartPreventExitStatus= so that a bad config fails once instead of restart-looping.
-EXIT_CONFIG = 78
-# Exit status after a hard memory-guard trip (sysexits.h EX_TEMPFAIL): drained, restart wanted.
-EXIT_MEMORY = 75
 # Engine sequence slots kept beyond max_concurrent_streams for the watchdog's liveness probe.
 PROBE_SEATS = 1
 

@@ -22,7 +22,8 @@ from typing import Any, Literal, Protocol
 
 import psutil
 
-from edgephi.config import EXIT_CONFIG, Settings, engine_args
+from edgephi.config import Settings, engine_args
+from edgephi.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -263,7 +264,9 @@ class VllmEngine:
         except (ValueError, TypeError, OSError) as exc:  # pydantic's ValidationError is a ValueError
             first = str(exc).strip().splitlines()
             detail = " ".join(line.strip() for line in first[:3])
-            raise EngineLoadError(f"cannot load {settings.model!r} with these settings: {detail}", EXIT_CONFIG) from exc
+            raise EngineLoadError(
+                f"cannot load {settings.model!r} with these settings: {detail}", ExitCode.CONFIG
+            ) from exc
         except Exception as exc:
             raise EngineLoadError(f"engine failed to start: {type(exc).__name__}: {exc}", 1) from exc
         try:

@@ -26,9 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from edgephi import guards
-from edgephi.config import EXIT_MEMORY, ConfigError, Settings
+from edgephi.config import ConfigError, Settings
 from edgephi.decode import DecodeGuardInterceptor
 from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
+from edgephi.exit_codes import ExitCode
 from edgephi.runtime import Runtime, State, StreamEnd
 from edgephi.security import BearerTokenInterceptor, read_token, server_credentials
 from edgephi.servicer import InferenceServicer
@@ -41,7 +42,8 @@ log = logging.getLogger(__name__)
 LOAD_EXTEND_S = 60.0
 # Watchdog tick when systemd did not ask for one (health still follows the liveness verdict).
 DEFAULT_TICK_S = 5.0
-EXIT_ENGINE_DEAD = 1
+EXIT_ENGINE_DEAD = ExitCode.FAILED
+EXIT_MEMORY = ExitCode.MEMORY
 
 
 async def build_server(

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.daemon import Daemon, run_daemon
+from edgephi.testing import Daemon, run_daemon
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("EDGEPHI_CACHE_DIR", REPO / ".cache"))

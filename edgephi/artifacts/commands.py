@@ -16,10 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from edgephi.artifacts.store import DEFAULT_STORE, STORE_ENV
+from edgephi.exit_codes import ExitCode
 
 COMMANDS = ("quantize", "fetch", "verify", "models")
-EXIT_FAILED = 1
-EXIT_REFUSED = 2
+EXIT_FAILED = ExitCode.FAILED
+EXIT_REFUSED = ExitCode.REFUSED
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:

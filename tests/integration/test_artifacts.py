@@ -33,7 +33,8 @@ from edgephi.artifacts import manifest as mf
 from edgephi.artifacts.store import Store
 from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
-from tests.daemon import run_daemon
+from edgephi.exit_codes import ExitCode
+from edgephi.testing import run_daemon
 
 REPO = Path(__file__).resolve().parents[2]
 CACHE = Path(os.environ.get("EDGEPHI_CACHE_DIR", REPO / ".cache"))
@@ -236,7 +237,10 @@ def test_unservable_configurations_are_refused_before_any_work(bf16: Path, tmp_p
     reasons = build.check_config(fake, build.QuantParams(group_size=128), target="gpu")
     assert any("does not divide the in-features [320]" in r for r in reasons), reasons
     assert build.check_config(fake, build.QuantParams(group_size=64), target="gpu") == []
-    assert main(["quantize", "--model", str(tmp_path / "nowhere"), "--name", "x", "--store", str(store)]) == 2
+    assert (
+        main(["quantize", "--model", str(tmp_path / "nowhere"), "--name", "x", "--store", str(store)])
+        == ExitCode.REFUSED
+    )
     assert "no config.json" in capsys.readouterr().err
     assert not store.exists() or [p.name for p in store.iterdir() if not p.name.startswith(".lock")] == []
 

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from edgephi.config import EXIT_CONFIG, PROBE_SEATS, ConfigError, engine_args, load_settings
+from edgephi.config import PROBE_SEATS, ConfigError, engine_args, load_settings
+from edgephi.exit_codes import ExitCode
 
 
 @pytest.fixture
@@ -94,7 +95,7 @@ def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path
         proc = subprocess.run(
             [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
         )
-    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -116,7 +117,7 @@ def test_serve_with_the_metrics_port_in_use_exits_78(artifact: Path) -> None:
         proc = subprocess.run(
             [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
         )
-    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
     assert f"cannot serve metrics on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -139,7 +140,7 @@ def test_serve_with_bad_config_exits_78_without_loading(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == EXIT_CONFIG
+    assert proc.returncode == ExitCode.CONFIG
     assert "EDGEPHI_PROT" in proc.stderr and "EDGEPHI_PORT" in proc.stderr
 
 
@@ -149,5 +150,5 @@ def test_serve_with_missing_model_exits_78(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=240
     )
-    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
     assert "does not exist" in proc.stderr and str(tmp_path / "nope") in proc.stderr

@@ -3,7 +3,8 @@
 The server (http.server in a thread) serves artifact archives with ``Range`` support and ``ETag``, and can drop
 the connection in the middle of a body, throttle a body, or announce a size larger than any disk. The artifacts
 are small synthetic ones (random "weights", a manifest): fetching does not look inside the files, and the
-served/quantized path is covered in tests/integration/test_artifacts.py. No mocks: every fault here is produced for real.
+served/quantized path is covered in tests/integration/test_artifacts.py. No mocks: every fault here is produced
+for real.
 """
 
 from __future__ import annotations

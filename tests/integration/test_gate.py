@@ -1,8 +1,8 @@
 """The quality gate's building blocks: GPTQ dequantization (checked against auto-round's own packers and
 inference kernels), zero-point conventions, and held-out text that never overlaps calibration text.
 
-The gate on real artifacts (good passes, noise fails and is not promoted) is in tests/integration/test_artifacts.py, which
-shares its freshly quantized artifact."""
+The gate on real artifacts (good passes, noise fails and is not promoted) is in
+tests/integration/test_artifacts.py, which shares its freshly quantized artifact."""
 
 from __future__ import annotations
 

@@ -14,8 +14,9 @@ import pytest
 
 from edgephi import guards
 from edgephi.client import sampling
-from edgephi.config import EXIT_CONFIG, EXIT_MEMORY, ConfigError, Settings
-from tests.daemon import run_daemon
+from edgephi.config import ConfigError, Settings
+from edgephi.exit_codes import ExitCode
+from edgephi.testing import run_daemon
 
 GiB = 2**30
 
@@ -109,7 +110,7 @@ def test_serve_refuses_too_small_budget_with_exit_78(artifact: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=120
     )
-    assert proc.returncode == EXIT_CONFIG, proc.stderr[-2000:]
+    assert proc.returncode == ExitCode.CONFIG, proc.stderr[-2000:]
     assert "memory preflight" in proc.stderr and "short by" in proc.stderr
     assert time.monotonic() - started < 60  # refused before loading the engine
 
@@ -156,5 +157,5 @@ def test_soft_limit_sheds_and_recovers_then_hard_limit_exits(artifact: Path, tmp
         ballast = b"\x01" * int(9 * GiB)
         code = d.proc.wait(60)
         del ballast
-        assert code == EXIT_MEMORY, d.log()[-2000:]
+        assert code == ExitCode.MEMORY, d.log()[-2000:]
         assert "hard limit" in d.log()

@@ -12,9 +12,9 @@ import psutil
 import pytest
 
 from edgephi.client import sampling
+from edgephi.testing import run_daemon
 from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
-from tests.daemon import run_daemon
 
 GRACE_S = 10.0  # the 20-token short stream takes 1-4 s on the slow CPU W4A16 path, under CI load
 

@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from edgephi.client import Client, Connection, sampling
-from edgephi.config import EXIT_CONFIG
+from edgephi.exit_codes import ExitCode
 from edgephi.security import read_token
+from edgephi.testing import Daemon, run_daemon
 from edgephi.v1 import inference_pb2 as pb
-from tests.daemon import Daemon, run_daemon
 
 TOKEN = "s3cret-token-0123456789abcdef"
 
@@ -198,5 +198,5 @@ def test_group_readable_token_file_is_refused(tmp_path: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "edgephi.cli", "serve"], env=env, capture_output=True, text=True, timeout=60
     )
-    assert proc.returncode == EXIT_CONFIG
+    assert proc.returncode == ExitCode.CONFIG
     assert "chmod 600" in proc.stderr and TOKEN not in proc.stderr

@@ -13,10 +13,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from edgephi.client import sampling
+from edgephi.testing import Daemon
 from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
 from tests.conftest import MAX_QUEUED, MAX_STREAMS, STREAM_WRITE_TIMEOUT_S
-from tests.daemon import Daemon
 
 UNFINISHED = "edgephi_engine_unfinished_requests"
 

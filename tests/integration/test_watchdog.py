@@ -23,7 +23,7 @@ import psutil
 import pytest
 
 from edgephi.client import sampling
-from tests.daemon import Daemon, run_daemon
+from edgephi.testing import Daemon, run_daemon
 
 WATCHDOG_USEC = 2_000_000  # pings expected every 1 s
 

@@ -1,4 +1,5 @@
-"""Start the real ``edgephi serve`` daemon as a subprocess on 127.0.0.1 port 0, for tests and benchmarks."""
+"""Test and benchmark support shipped with the package: the real ``edgephi serve`` daemon as a subprocess on
+127.0.0.1 port 0 (:func:`run_daemon`), used by tests/ and benchmarks/ alike."""
 
 from __future__ import annotations
 
