@@ -1,9 +1,9 @@
 """Admission control: a bounded number of running streams, a bounded queue, refusal at once beyond both.
 
-A request that cannot run and cannot queue is refused immediately (gRPC ``RESOURCE_EXHAUSTED``) rather than
-left waiting: on an edge box a fast "busy" is more useful to a client than an unbounded wait. The number of
-running streams is vLLM's ``max_num_seqs`` less the watchdog probe's seat, so everything admitted is scheduled
-by the engine at once and the probe still finds a seat.
+A request that cannot run and cannot queue is refused immediately (:class:`~edgephi.errors.Overloaded`; gRPC
+``RESOURCE_EXHAUSTED``) rather than left waiting: on an edge box a fast "busy" is more useful to a client than an
+unbounded wait. The number of running streams is vLLM's ``max_num_seqs`` less the watchdog probe's seat, so
+everything admitted is scheduled by the engine at once and the probe still finds a seat.
 """
 
 from __future__ import annotations
@@ -13,9 +13,9 @@ import collections
 import contextlib
 from collections.abc import AsyncIterator
 
+from edgephi.errors import Overloaded
 
-class Overloaded(Exception):
-    """No slot and no room in the queue; the message says which limit was hit."""
+__all__ = ["Admission", "Overloaded"]
 
 
 class Admission:

@@ -125,7 +125,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"edgephi: {exc}", file=sys.stderr)
         return ExitCode.CONFIG
     logging.getLogger().setLevel(settings.log_level)
-    from edgephi.server import serve
+    from edgephi.daemon import serve
 
     try:
         code = asyncio.run(serve(settings))

@@ -1,24 +1,18 @@
-"""LAN security: TLS / mTLS server credentials and a bearer-token interceptor.
+"""LAN security, transport-neutral: the bearer token and the TLS / mTLS material every front door uses.
 
 The token is read once from a file that only the service user may read (mode 0600 or 0400 — a group- or
 world-readable token file is refused at start-up). It is compared with ``hmac.compare_digest`` (constant time)
-and never logged. ``grpc.health.v1.Health`` stays open so that probes work without the token; everything else,
-reflection included, needs it.
+and never logged. The gRPC door checks it in :mod:`edgephi.grpc_door.interceptors`.
 """
 
 from __future__ import annotations
 
 import hmac
 import stat
-from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import grpc
 
 from edgephi.config import ConfigError, Settings
-
-OPEN_SERVICES = ("/grpc.health.v1.Health/",)
 
 
 def read_token(path: Path) -> bytes:
@@ -42,46 +36,23 @@ def read_token(path: Path) -> bytes:
     return raw
 
 
-class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Rejects calls without ``authorization: Bearer <token>`` with ``UNAUTHENTICATED`` (health exempt)."""
-
-    def __init__(self, token: bytes) -> None:
-        self._expected = b"Bearer " + token
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any]:
-        method = details.method or ""
-        if method.startswith(OPEN_SERVICES):
-            return await continuation(details)
-        given = b""
-        for key, value in details.invocation_metadata or ():
-            if key == "authorization":
-                given = value.encode() if isinstance(value, str) else bytes(value)
-                break
-        if hmac.compare_digest(given, self._expected):
-            return await continuation(details)
-        return _deny(method, "missing bearer token" if not given else "invalid bearer token")
+def token_matches(given: bytes, expected: bytes) -> bool:
+    """Whether a presented credential equals the expected one, in constant time (``hmac.compare_digest``)."""
+    return hmac.compare_digest(given, expected)
 
 
-def _deny(method: str, reason: str) -> grpc.RpcMethodHandler[Any, Any]:
-    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+@dataclass(frozen=True)
+class TlsMaterial:
+    """PEM bytes for a TLS server: its key and certificate, and the CA that client certificates must chain to
+    (mTLS) or None."""
 
-    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
-        yield  # pragma: no cover - makes this an async generator
-
-    # Server-streaming methods need a streaming handler so the status reaches the client properly.
-    if method.endswith(("/Generate", "/Chat", "/ServerReflectionInfo")):
-        return grpc.unary_stream_rpc_method_handler(stream)
-    return grpc.unary_unary_rpc_method_handler(unary)
+    key: bytes
+    cert: bytes
+    client_ca: bytes | None
 
 
-def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
-    """TLS credentials from the cert/key files (and client CA for mTLS), or None for plaintext.
+def tls_material(settings: Settings) -> TlsMaterial | None:
+    """The TLS key/certificate (and client CA for mTLS) named by the settings, or None for plaintext.
 
     Raises:
         ConfigError: only one of cert/key given, a client CA without TLS, or unreadable files.
@@ -98,4 +69,4 @@ def server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
         root = ca.read_bytes() if ca is not None else None
     except OSError as exc:
         raise ConfigError(f"TLS file {exc.filename}: {exc.strerror}") from None
-    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+    return TlsMaterial(key=pair[0], cert=pair[1], client_ca=root)

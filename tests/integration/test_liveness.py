@@ -1,6 +1,6 @@
 """The watchdog's liveness verdict over real processes standing in for vLLM's engine core (no vLLM: seconds).
 
-The engine-side check is the adapter's own :class:`edgephi.engine.CoreProcesses`; the stand-in core is a real
+The engine-side check is the adapter's own :class:`edgephi.engine.vllm.CoreProcesses`; the stand-in core is a real
 child process that the tests stop, kill (left a zombie, as vLLM's dead core is until reaped) or reap.
 """
 
@@ -15,7 +15,8 @@ from collections.abc import Iterator
 import psutil
 import pytest
 
-from edgephi.engine import CoreProcesses, EngineDeadError
+from edgephi.engine.types import EngineDeadError
+from edgephi.engine.vllm import CoreProcesses
 from edgephi.watchdog import Liveness, Probe, Verdict
 
 

@@ -607,7 +607,7 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     cut = [ts for ts, m in logged if "drain: aborted 1 stream(s)" in m]
     assert len(cut) == 1, [m for _, m in logged if "drain" in m]
     # the drain's own wait, from the daemon's timestamps (journald's are when it read the line: jittery)
-    draining = _logged_at(logged, "edgephi.runtime: state: draining")
+    draining = _logged_at(logged, "edgephi.state: state: draining")
     aborted = _logged_at(logged, "drain: aborted 1 stream(s)")
     # the promise: the drain waits the grace, then cuts (a busy event loop may be a little late, never early)
     assert GRACE_S - 0.05 <= aborted - draining <= GRACE_S + 2, (draining, aborted)
@@ -628,7 +628,7 @@ def test_stop_during_stream_drains(svc: Service, round_: int) -> None:
     _figure("systemctl stop (2 streams open) -> stopped", stop_s)
     _figure("SIGTERM -> short stream finished OK", short_r["ended"] - t_term)
     _figure("drain: 'state: draining' -> long stream cut (daemon log)", aborted - draining)
-    exited = next((ts for ts, m in logged if "edgephi.server: stopped (exit 0)" in m), None)
+    exited = next((ts for ts, m in logged if "edgephi.daemon: stopped (exit 0)" in m), None)
     if exited is not None:
         _figure("  stop: drain cut -> daemon's 'stopped (exit 0)'", exited - cut[0])
         _figure("  stop: 'stopped (exit 0)' -> unit stopped", stopped_at - exited)

@@ -1,4 +1,5 @@
-"""Assembles and runs the daemon: grpc.aio server, health, reflection, metrics, engine, watchdog, drain.
+"""The daemon's wiring (``edgephi serve``): server state, generation service, gRPC door, metrics, engine,
+watchdog, memory watch, drain. Transport details belong to the front doors (:mod:`edgephi.grpc_door`).
 
 Start-up order: listen first (health ``NOT_SERVING``, requests ``UNAVAILABLE``), load the engine while telling
 systemd ``EXTEND_TIMEOUT_USEC``, answer a warm-up generation, then ``READY=1`` and health ``SERVING``.
@@ -16,24 +17,22 @@ import os
 import signal
 import time
 import uuid
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
-import grpc
 import psutil
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from edgephi import guards
 from edgephi.config import ConfigError, Settings
-from edgephi.decode import DecodeGuardInterceptor
-from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
+from edgephi.engine.protocol import Engine
+from edgephi.engine.types import EngineLoadError, GenerationRequest, Sampling
 from edgephi.exit_codes import ExitCode
-from edgephi.runtime import Runtime, State, StreamEnd
-from edgephi.security import BearerTokenInterceptor, read_token, server_credentials
-from edgephi.servicer import InferenceServicer
-from edgephi.v1 import inference_pb2, inference_pb2_grpc
+from edgephi.grpc_door.server import build_server
+from edgephi.security import read_token, tls_material
+from edgephi.service import GenerationService
+from edgephi.state import Lifecycle, ServerState
 from edgephi.watchdog import Liveness, Notifier, Probe, run_watchdog
 
 log = logging.getLogger(__name__)
@@ -42,59 +41,39 @@ log = logging.getLogger(__name__)
 LOAD_EXTEND_S = 60.0
 # Watchdog tick when systemd did not ask for one (health still follows the liveness verdict).
 DEFAULT_TICK_S = 5.0
-EXIT_ENGINE_DEAD = ExitCode.FAILED
-EXIT_MEMORY = ExitCode.MEMORY
 
 
-async def build_server(
-    rt: Runtime, creds: grpc.ServerCredentials | None, token: bytes | None
-) -> tuple[grpc.aio.Server, int]:
-    """Create the grpc.aio server with our service, health and reflection; bind; return it and its port.
+EngineStarter = Callable[[Settings], AbstractAsyncContextManager[Engine]]
+
+
+def _vllm_engine(settings: Settings) -> AbstractAsyncContextManager[Engine]:
+    from edgephi.engine.vllm import VllmEngine
+
+    return VllmEngine.start(settings)
+
+
+async def serve(
+    settings: Settings, notifier: Notifier | None = None, start_engine: EngineStarter = _vllm_engine
+) -> int:
+    """Run the daemon until SIGTERM/SIGINT or engine death; return the process exit code (:class:`ExitCode`).
+
+    ``start_engine`` loads the engine as an async context manager (vLLM by default; tests pass a fake).
 
     Raises:
-        ConfigError: the address cannot be bound (port in use, address not on this host).
+        ConfigError: a setting, file, port or preflight check is wrong (the CLI exits 78).
     """
-    # Auth first: an unauthenticated caller learns nothing, not even whether its bytes parse.
-    interceptors: list[Any] = [BearerTokenInterceptor(token)] if token else []
-    interceptors.append(DecodeGuardInterceptor())
-    server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
-    inference_pb2_grpc.add_InferenceServiceServicer_to_server(InferenceServicer(rt), server)
-    health_pb2_grpc.add_HealthServicer_to_server(rt.health, server)
-    names = (
-        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"].full_name,
-        health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-        reflection.SERVICE_NAME,
-    )
-    reflection.enable_server_reflection(names, server)
-    address = f"{rt.settings.host}:{rt.settings.port}"
-    try:
-        port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc raises RuntimeError("Failed to bind to address ...")
-        port = 0
-        detail = str(exc)
-    else:
-        detail = ""
-    if port == 0:
-        raise ConfigError(
-            f"cannot listen on {address}: the port is in use or the address is not on this host ({detail}); "
-            "stop the other process or set EDGEPHI_PORT / EDGEPHI_HOST"
-        )
-    return server, port
-
-
-async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
-    """Run the daemon until SIGTERM/SIGINT or engine death; return the process exit code."""
     notifier = notifier or Notifier.from_env()
     # Configuration checks, all before anything starts (ConfigError → exit 78): security, then memory.
-    creds = server_credentials(settings)
+    tls = tls_material(settings)
     token = read_token(settings.auth_token_file) if settings.auth_token_file else None
     fit = guards.preflight(settings)  # ConfigError → exit 78 (no restart loop)
     for change in fit.changes:
         log.warning("memory preflight: fitted to EDGEPHI_VRAM_BUDGET_GIB: %s", change)
     settings = fit.settings
-    rt = Runtime(settings, notifier)
-    await rt.set_state(State.LOADING, "loading: starting")
-    server, port = await build_server(rt, creds, token)
+    st = ServerState(settings, notifier)
+    service = GenerationService(st)
+    notifier.status("loading: starting")
+    server, port = await build_server(service, tls, token)
     await server.start()
     log.info("gRPC listening on %s:%d", settings.host, port)
     metrics_port = None
@@ -102,7 +81,7 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
         from prometheus_client import start_http_server
 
         try:
-            httpd, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=rt.metrics.registry)
+            httpd, _ = start_http_server(settings.metrics_port, settings.metrics_host, registry=st.metrics.registry)
         except OSError as exc:
             await server.stop(None)
             raise ConfigError(
@@ -116,62 +95,63 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, rt.request_stop)
+        loop.add_signal_handler(sig, st.request_stop)
 
     try:
-        return await _run(rt, settings, notifier)
+        return await _run(st, settings, notifier, start_engine)
     except EngineLoadError as exc:
-        if rt.stop_requested.is_set() and rt.state is State.LOADING:
+        if st.stop_requested.is_set() and st.lifecycle is Lifecycle.LOADING:
             log.info("stopped while loading; the engine's start was abandoned")
-            return rt.exit_code
+            return st.exit_code
         log.error("%s", exc)
         notifier.status(str(exc)[:200])
-        rt.exit_code = exc.exit_code
+        st.exit_code = exc.exit_code
         return exc.exit_code
     finally:
         await server.stop(grace=1.0)
-        rt.state = State.STOPPED
-        log.info("stopped (exit %d)", rt.exit_code)
+        service.close()
+        st.stopped()
+        log.info("stopped (exit %d)", st.exit_code)
 
 
-async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
-    extender = asyncio.create_task(_extend_while_loading(rt, notifier))
-    abandon = asyncio.create_task(_abandon_load_on_stop(rt))
+async def _run(st: ServerState, settings: Settings, notifier: Notifier, start_engine: EngineStarter) -> int:
+    extender = asyncio.create_task(_extend_while_loading(notifier))
+    abandon = asyncio.create_task(_abandon_load_on_stop(st))
     started = time.monotonic()
     try:
-        async with VllmEngine.start(settings) as engine:
+        async with start_engine(settings) as engine:
             extender.cancel()
             abandon.cancel()
-            rt.attach(engine)
+            st.attach(engine)
             await _warm_up(engine)
             load_s = time.monotonic() - started
-            if rt.stop_requested.is_set():
-                return rt.exit_code
-            await rt.set_state(State.SERVING)
+            if st.stop_requested.is_set():
+                return st.exit_code
+            await st.serving()
             notifier.ready(f"serving {engine.info.model_name} (loaded in {load_s:.1f} s)")
             log.info("ready in %.1f s: %s", load_s, engine.info)
-            tasks = [asyncio.create_task(_watch(rt, engine, notifier))]
+            tasks = [asyncio.create_task(_watch(st, engine, notifier))]
             watch = guards.watch_from_settings(settings)
             if watch is not None:
-                tasks.append(asyncio.create_task(_guard_memory(rt, watch)))
-            await rt.stop_requested.wait()
+                tasks.append(asyncio.create_task(_guard_memory(st, watch)))
+            await st.stop_requested.wait()
             for task in tasks:
                 task.cancel()
-            if rt.state is not State.DEAD:
+            if st.lifecycle is not Lifecycle.DEAD:
                 notifier.stopping("draining")
-                await rt.set_state(State.DRAINING, "draining")
-                await rt.drain(settings.drain_grace_s)
+                await st.draining()
+                await st.drain(settings.drain_grace_s)
             notifier.status("stopping engine")
     finally:
         extender.cancel()
         abandon.cancel()
-    return rt.exit_code
+    return st.exit_code
 
 
-async def _abandon_load_on_stop(rt: Runtime) -> None:
+async def _abandon_load_on_stop(st: ServerState) -> None:
     """SIGTERM while loading: nothing is served yet, so instead of waiting out a load of minutes, stop the
     engine's processes; the load then fails at once and the daemon exits 0 (systemd's stop stays quick)."""
-    await rt.stop_requested.wait()
+    await st.stop_requested.wait()
     log.warning("stop requested while loading: stopping the engine's processes")
     while True:  # until the load fails (this task is cancelled then); processes may still be starting
         children = psutil.Process().children(recursive=True)
@@ -186,7 +166,7 @@ async def _abandon_load_on_stop(rt: Runtime) -> None:
         await asyncio.sleep(0.5)
 
 
-async def _extend_while_loading(rt: Runtime, notifier: Notifier) -> None:
+async def _extend_while_loading(notifier: Notifier) -> None:
     t0 = time.monotonic()
     while True:
         notifier.extend_timeout(LOAD_EXTEND_S)
@@ -209,28 +189,25 @@ async def _warm_up(engine: Engine) -> None:
     await _one_token(engine)
 
 
-async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
+async def _watch(st: ServerState, engine: Engine, notifier: Notifier) -> None:
     tick = notifier.watchdog_usec / 2e6 if notifier.watchdog_usec else DEFAULT_TICK_S
     probe_timeout = max(1.0, (notifier.watchdog_usec / 1e6) if notifier.watchdog_usec else 2 * DEFAULT_TICK_S)
     liveness = Liveness(
         Probe(
             check_health=engine.check_health,
             core_pids=engine.core_pids,
-            tokens_generated=lambda: rt.tokens_generated,
+            tokens_generated=lambda: st.tokens_generated,
             probe_generation=lambda: _one_token(engine),
         ),
         probe_timeout_s=probe_timeout,
     )
 
     def on_dead(reason: str) -> None:
-        rt.state = State.DEAD
-        ended = rt.end_streams(StreamEnd.ENGINE_DEAD, reason)
-        log.error("engine dead (%s): ended %d open stream(s); exiting %d", reason, ended, EXIT_ENGINE_DEAD)
+        ended = st.engine_dead(reason)
+        log.error("engine dead (%s): ended %d open stream(s); exiting %d", reason, ended, ExitCode.FAILED)
         # STOPPING=1: we are exiting (1, for a restart); without it systemd's watchdog, no longer pinged,
         # can SIGABRT us during the engine shutdown and record Result=watchdog instead of exit-code.
         notifier.stopping(f"engine dead: {reason}")
-        asyncio.get_running_loop().create_task(rt.set_state(State.DEAD))
-        rt.request_stop(EXIT_ENGINE_DEAD)
 
     pending: set[asyncio.Task[None]] = set()
 
@@ -240,39 +217,36 @@ async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
         task.add_done_callback(pending.discard)
 
     def on_miss(reason: str) -> None:
-        rt.metrics.watchdog_misses.inc()
+        st.metrics.watchdog_misses.inc()
         notifier.status(f"engine not making progress: {reason}")
-        later(rt.set_stalled(reason))  # readiness: NOT_SERVING until progress resumes
+        later(st.set_stalled(reason))  # readiness: NOT_SERVING until progress resumes
 
     def on_alive() -> None:
-        if rt.stalled_reason:
-            later(rt.set_stalled(""))
+        if st.stalled_reason:
+            later(st.set_stalled(""))
 
-    await run_watchdog(liveness, notifier, tick, on_dead, on_miss, rt.status_line, on_alive)
+    await run_watchdog(liveness, notifier, tick, on_dead, on_miss, st.status_line, on_alive)
 
 
-async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:
-    """Soft limit: NOT_SERVING and RESOURCE_EXHAUSTED for new requests; hard limit: drain and exit 75."""
+async def _guard_memory(st: ServerState, watch: guards.MemoryWatch) -> None:
+    """Soft limit: not ready and ``MemoryGuarded`` for new requests; hard limit: drain and exit 75."""
 
     async def on_change(level: str, reason: str) -> None:
         if level == guards.Level.OK:
             log.warning("memory guard: recovered")
-            rt.guard_reason = ""
-            await rt.set_state(State.SERVING)
+            await st.serving()
             return
-        rt.metrics.guard_trips.labels(level).inc()
+        st.metrics.guard_trips.labels(level).inc()
         if level == guards.Level.SOFT:
             log.warning("memory guard: soft limit: %s; shedding new requests", reason)
-            rt.guard_reason = reason
-            await rt.set_state(State.GUARDED)
+            await st.guarded(reason)
         else:
-            log.error("memory guard: hard limit: %s; draining and exiting %d for a restart", reason, EXIT_MEMORY)
-            rt.guard_reason = reason
-            rt.request_stop(EXIT_MEMORY)
+            log.error("memory guard: hard limit: %s; draining and exiting %d for a restart", reason, ExitCode.MEMORY)
+            st.memory_exhausted(reason)
 
     pid = os.getpid()
     await guards.run_memory_watch(
-        watch, lambda: guards.read_memory(pid), rt.settings.memory_check_interval_s, on_change
+        watch, lambda: guards.read_memory(pid), st.settings.memory_check_interval_s, on_change
     )
 
 

