@@ -29,8 +29,15 @@ class Tokenizer(Protocol):
 class Engine(Protocol):
     """What the generation service, the watchdog and the daemon need from an inference engine."""
 
-    info: ModelInfo
-    tokenizer: Tokenizer
+    @property
+    def info(self) -> ModelInfo:
+        """What is served (fixed once loaded)."""
+        ...
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The served model's tokenizer (used from one thread at a time)."""
+        ...
 
     def generate(self, request: GenerationRequest, request_id: str) -> AsyncGenerator[Delta, None]:
         """Stream deltas; closing the generator (``aclose``) or cancelling its consumer aborts the request in

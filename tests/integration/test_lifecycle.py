@@ -5,7 +5,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
@@ -29,7 +31,7 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
         with pytest.raises(grpc.RpcError) as err:
             list(c.generate("hi", sampling(max_tokens=2)))
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-        assert "loading" in err.value.details()
+        assert "loading" in (err.value.details() or "")
         deadline = time.monotonic() + 300
         while c.health() != "SERVING":
             assert time.monotonic() < deadline and d.proc.poll() is None, d.log()[-3000:]
@@ -38,10 +40,10 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
         assert children, "vLLM's engine-core process should be running"
 
         # In flight at SIGTERM: one stream that finishes within the grace, one that cannot.
-        short_result: dict[str, object] = {}
-        long_result: dict[str, object] = {}
+        short_result: dict[str, Any] = {}
+        long_result: dict[str, Any] = {}
 
-        def consume(stream, out: dict[str, object]) -> None:  # type: ignore[no-untyped-def]
+        def consume(stream: Iterator[pb.GenerateResponse], out: dict[str, Any]) -> None:
             try:
                 out["msgs"] = list(stream)
             except grpc.RpcError as exc:
@@ -83,7 +85,7 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
 
         assert "error" not in short_result, short_result
         assert sum(len(m.token_ids) for m in long_result.get("msgs", [])) < 2000  # tokens, not messages
-        assert len(short_result["msgs"]) >= 1  # type: ignore[arg-type]
+        assert len(short_result["msgs"]) >= 1
         error = long_result.get("error")
         assert isinstance(error, grpc.RpcError), long_result
         assert error.code() == grpc.StatusCode.UNAVAILABLE

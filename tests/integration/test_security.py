@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -83,7 +84,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def secure_daemon(artifact: Path, pki: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Daemon:
+def secure_daemon(artifact: Path, pki: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Daemon]:
     """mTLS + bearer token. The security layer sits in front of the engine, so most checks need no READY."""
     with run_daemon(
         artifact,

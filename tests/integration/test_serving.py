@@ -7,12 +7,13 @@ import json
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from transformers import AutoTokenizer
 
-from edgephi.client import sampling
+from edgephi.client import Client, sampling
 from edgephi.testing import Daemon
 from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
@@ -113,7 +114,7 @@ def test_count_tokens_and_model_info(daemon: Daemon, tokenizer) -> None:  # type
     assert info.engine_version
 
 
-def _long(c, **kw):  # type: ignore[no-untyped-def]
+def _long(c: Client, **kw: Any) -> Any:  # a grpc stream call: an iterator with cancel()
     return c.generate("Once upon a time", sampling(max_tokens=1500, ignore_eos=True, temperature=0.0), **kw)
 
 
@@ -179,7 +180,7 @@ def test_invalid_generate_request(daemon: Daemon, field: str, request_: pb.Gener
         with pytest.raises(grpc.RpcError) as err:
             list(c.stub.Generate(request_, timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(field + ":"), err.value.details()
+        assert (err.value.details() or "").startswith(field + ":"), err.value.details()
         # The engine survived: the next valid request succeeds.
         assert collect(c.generate("hello", sampling(max_tokens=2, ignore_eos=True)))[2]
 
@@ -218,7 +219,7 @@ def test_invalid_chat_request(daemon: Daemon, field: str, request_: pb.ChatReque
         with pytest.raises(grpc.RpcError) as err:
             list(c.stub.Chat(request_, timeout=30))
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert err.value.details().startswith(field + ":"), err.value.details()
+        assert (err.value.details() or "").startswith(field + ":"), err.value.details()
         with pytest.raises(grpc.RpcError) as err2:
             c.stub.CountTokens(pb.CountTokensRequest(), timeout=10)
         assert err2.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -235,7 +236,7 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         capacity = int(daemon.metrics().get("edgephi_kv_cache_capacity_tokens", 10_000))
         per_stream = min(1500, (capacity - 256) // (MAX_STREAMS + MAX_QUEUED + 2) - 16)
 
-        def _held(c):  # type: ignore[no-untyped-def]
+        def _held(c: Client) -> Any:
             return c.generate("Once upon a time", sampling(max_tokens=per_stream, ignore_eos=True, temperature=0.0))
 
         streams = [_held(c) for _ in range(MAX_STREAMS)]
@@ -254,7 +255,7 @@ def test_admission_limit_refuses_at_once(daemon: Daemon) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(_held(c))
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "busy" in err.value.details()
+        assert "busy" in (err.value.details() or "")
         assert time.monotonic() - started < 2.0
         # Queued request starts once a slot frees.
         streams[0].cancel()

@@ -81,7 +81,7 @@ async def grpc_door(
             health_pb2_grpc.HealthStub(channel),
         )
     finally:
-        await channel.close()
+        await channel.close(None)
         await server.stop(None)
         service.close()
 

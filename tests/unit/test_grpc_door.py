@@ -30,9 +30,10 @@ OK, UNAVAILABLE = "OK", grpc.StatusCode.UNAVAILABLE
 
 
 async def _read(call: grpc.aio.UnaryStreamCall[object, pb.GenerateResponse]) -> list[pb.GenerateResponse]:
-    out = []
-    while (msg := await call.read()) is not grpc.aio.EOF:
-        out.append(msg)
+    out: list[pb.GenerateResponse] = []
+    while (msg := await call.read()) is not grpc.aio.EOF:  # type: ignore[attr-defined]
+        assert isinstance(msg, (pb.GenerateResponse, pb.ChatResponse))
+        out.append(msg)  # type: ignore[arg-type]
     return out
 
 

@@ -83,9 +83,9 @@ async def test_draining_and_dead_are_not_left_by_serving(st: ServerState) -> Non
     st.engine_dead("core gone")
     await asyncio.sleep(0)
     await st.draining()
-    assert st.lifecycle is Lifecycle.DEAD
+    assert st.lifecycle.name == "DEAD"
     st.stopped()
-    assert st.lifecycle is Lifecycle.STOPPED and not st.ready
+    assert st.lifecycle.name == "STOPPED" and not st.ready
 
 
 async def _stream_task(st: ServerState, name: str, started: asyncio.Event) -> StreamEnd:
