@@ -200,5 +200,5 @@ async def test_a_stalled_reader_loses_its_stream_and_frees_its_slot() -> None:
             assert await wait_until(lambda: engine.aborted, timeout_s=10)
             assert engine.aborted and not engine.running
             assert door.state.streams == {} and door.state.admission.running == 0
-            assert door.counter("Generate", "RESOURCE_EXHAUSTED") == 1
+            assert await wait_until(lambda: door.counter("Generate", "RESOURCE_EXHAUSTED") == 1)
             call.cancel()
