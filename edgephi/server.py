@@ -25,7 +25,7 @@ import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from edgephi import guards
+from edgephi import memory_watch, preflight
 from edgephi.config import ConfigError, Settings
 from edgephi.decode import DecodeGuardInterceptor
 from edgephi.engine import Engine, EngineLoadError, GenerationRequest, Sampling, VllmEngine
@@ -88,7 +88,7 @@ async def serve(settings: Settings, notifier: Notifier | None = None) -> int:
     # Configuration checks, all before anything starts (ConfigError → exit 78): security, then memory.
     creds = server_credentials(settings)
     token = read_token(settings.auth_token_file) if settings.auth_token_file else None
-    fit = guards.preflight(settings)  # ConfigError → exit 78 (no restart loop)
+    fit = preflight.preflight(settings)  # ConfigError → exit 78 (no restart loop)
     for change in fit.changes:
         log.warning("memory preflight: fitted to EDGEPHI_VRAM_BUDGET_GIB: %s", change)
     settings = fit.settings
@@ -151,7 +151,7 @@ async def _run(rt: Runtime, settings: Settings, notifier: Notifier) -> int:
             notifier.ready(f"serving {engine.info.model_name} (loaded in {load_s:.1f} s)")
             log.info("ready in %.1f s: %s", load_s, engine.info)
             tasks = [asyncio.create_task(_watch(rt, engine, notifier))]
-            watch = guards.watch_from_settings(settings)
+            watch = memory_watch.watch_from_settings(settings)
             if watch is not None:
                 tasks.append(asyncio.create_task(_guard_memory(rt, watch)))
             await rt.stop_requested.wait()
@@ -251,17 +251,17 @@ async def _watch(rt: Runtime, engine: Engine, notifier: Notifier) -> None:
     await run_watchdog(liveness, notifier, tick, on_dead, on_miss, rt.status_line, on_alive)
 
 
-async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:
+async def _guard_memory(rt: Runtime, watch: memory_watch.MemoryWatch) -> None:
     """Soft limit: NOT_SERVING and RESOURCE_EXHAUSTED for new requests; hard limit: drain and exit 75."""
 
     async def on_change(level: str, reason: str) -> None:
-        if level == guards.Level.OK:
+        if level == memory_watch.Level.OK:
             log.warning("memory guard: recovered")
             rt.guard_reason = ""
             await rt.set_state(State.SERVING)
             return
         rt.metrics.guard_trips.labels(level).inc()
-        if level == guards.Level.SOFT:
+        if level == memory_watch.Level.SOFT:
             log.warning("memory guard: soft limit: %s; shedding new requests", reason)
             rt.guard_reason = reason
             await rt.set_state(State.GUARDED)
@@ -271,8 +271,8 @@ async def _guard_memory(rt: Runtime, watch: guards.MemoryWatch) -> None:
             rt.request_stop(EXIT_MEMORY)
 
     pid = os.getpid()
-    await guards.run_memory_watch(
-        watch, lambda: guards.read_memory(pid), rt.settings.memory_check_interval_s, on_change
+    await memory_watch.run_memory_watch(
+        watch, lambda: memory_watch.read_memory(pid), rt.settings.memory_check_interval_s, on_change
     )
 
 
