@@ -48,7 +48,9 @@ def test_the_environment_wins_over_the_env_file_and_overrides_win_over_both(
 
 
 def test_a_missing_env_file_is_named(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"env file .*absent.env does not exist \(set --env-file or EDGEPHI_ENV_FILE\)"):
+    with pytest.raises(
+        ConfigError, match=r"env file .*absent.env does not exist \(set --env-file or EDGEPHI_ENV_FILE\)"
+    ):
         load_settings(tmp_path / "absent.env")
 
 

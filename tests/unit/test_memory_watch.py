@@ -127,10 +127,14 @@ async def test_watch_loop_reports_each_level_change_once() -> None:
 async def test_watch_loop_accepts_a_plain_callback_and_keeps_reading() -> None:
     seen: list[str] = []
     reads = 0
+    loop = asyncio.get_running_loop()
+    enough = asyncio.Event()
 
-    def read() -> mw.MemoryReading:
+    def read() -> mw.MemoryReading:  # runs in a worker thread (asyncio.to_thread)
         nonlocal reads
         reads += 1
+        if reads == 6:
+            loop.call_soon_threadsafe(enough.set)
         return avail(0.1 if reads >= 3 else 8.0)
 
     def on_change(level: str, reason: str) -> None:
@@ -139,9 +143,7 @@ async def test_watch_loop_accepts_a_plain_callback_and_keeps_reading() -> None:
     watch = mw.MemoryWatch(None, None, soft_available=2 * GiB, hard_available=1 * GiB)
     task = asyncio.create_task(mw.run_memory_watch(watch, read, 0.001, on_change))
     try:
-        async with asyncio.timeout(10):
-            while reads < 6:
-                await asyncio.sleep(0.001)
+        await asyncio.wait_for(enough.wait(), timeout=10)
     finally:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):

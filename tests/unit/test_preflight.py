@@ -175,14 +175,14 @@ def test_a_hub_id_is_left_to_vllm() -> None:
 def test_preflight_refuses_a_broken_config_json(tmp_path: Path, config: str) -> None:
     (tmp_path / "config.json").write_text(config)
     (tmp_path / "model.safetensors").write_bytes(b"\0" * 64)
-    with pytest.raises(ConfigError, match="not a usable model config.*re-fetch or re-quantize"):
+    with pytest.raises(ConfigError, match=r"not a usable model config.*re-fetch or re-quantize"):
         pf.preflight(Settings(model=str(tmp_path)), available_ram=64 * GiB)
     with pytest.raises(ConfigError, match="is a file; point it at the artifact's directory"):
         pf.preflight(Settings(model=str(tmp_path / "config.json")), available_ram=64 * GiB)
 
 
 def test_preflight_refuses_a_directory_without_config_or_weights(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="has no config.json"):
+    with pytest.raises(ConfigError, match=r"has no config\.json"):
         pf.preflight(Settings(model=str(tmp_path)), available_ram=64 * GiB)
     (tmp_path / "config.json").write_text(json.dumps(PHI4_CONFIG))
     with pytest.raises(ConfigError, match=r"has no \*.safetensors weights"):
@@ -197,9 +197,7 @@ def test_cpu_only_box_gets_a_kv_cache_size_by_default(tmp_path: Path, monkeypatc
     assert any(c.startswith("no GPU: kv_cache_space_gib → 2.0 GiB") for c in fit.changes)
     big = pf.preflight(Settings(model=str(model), max_model_len=2048), available_ram=64 * GiB)
     assert big.settings.kv_cache_space_gib == pf.CPU_KV_MAX_GIB
-    mine = pf.preflight(
-        Settings(model=str(model), max_model_len=2048, kv_cache_space_gib=1.5), available_ram=64 * GiB
-    )
+    mine = pf.preflight(Settings(model=str(model), max_model_len=2048, kv_cache_space_gib=1.5), available_ram=64 * GiB)
     assert mine.settings.kv_cache_space_gib == 1.5 and not mine.changes
     # the KV cache lives in host RAM there, so it counts against the available memory
     with pytest.raises(ConfigError, match="host RAM"):
