@@ -159,8 +159,9 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
         extras = []
         for err in exc.errors():
             name = ".".join(str(p) for p in err["loc"])
-            if err["type"] == "extra_forbidden":
-                extras.append(ENV_PREFIX + name.upper())
+            if err["type"] == "extra_forbidden":  # an env file's unknown key: its loc is the key as written
+                key = name.upper()
+                extras.append(key if key.startswith(ENV_PREFIX) else ENV_PREFIX + key)
             elif not name:  # a check across settings: its message names them
                 problems.append(str(err["msg"]).removeprefix("Value error, "))
             else:
@@ -171,11 +172,12 @@ def load_settings(env_file: Path | None = None, **overrides: Any) -> Settings:
 
 
 def _unknown_message(keys: list[str], where: str) -> str:
-    known = [ENV_PREFIX + n.upper() for n in Settings.model_fields]
+    # Compared without the shared prefix, which would make every EDGEPHI_ name look close to every other.
+    known = [n.upper() for n in Settings.model_fields] + [k.removeprefix(ENV_PREFIX) for k in sorted(CLI_ENV_KEYS)]
     parts = []
     for key in keys:
-        close = difflib.get_close_matches(key.upper(), known, n=1)
-        parts.append(f"{key}" + (f" (did you mean {close[0]}?)" if close else ""))
+        close = difflib.get_close_matches(key.upper().removeprefix(ENV_PREFIX), known, n=1)
+        parts.append(f"{key}" + (f" (did you mean {ENV_PREFIX}{close[0]}?)" if close else ""))
     return f"unknown setting(s) in {where}: " + ", ".join(parts)
 
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from edgephi import guards
+from edgephi import memory_watch, preflight
 from edgephi.config import ConfigError, Settings
 from edgephi.engine.protocol import Engine
 from edgephi.engine.types import EngineLoadError, GenerationRequest, Sampling
@@ -66,7 +66,7 @@ async def serve(
     # Configuration checks, all before anything starts (ConfigError → exit 78): security, then memory.
     tls = tls_material(settings)
     token = read_token(settings.auth_token_file) if settings.auth_token_file else None
-    fit = guards.preflight(settings)  # ConfigError → exit 78 (no restart loop)
+    fit = preflight.preflight(settings)  # ConfigError → exit 78 (no restart loop)
     for change in fit.changes:
         log.warning("memory preflight: fitted to EDGEPHI_VRAM_BUDGET_GIB: %s", change)
     settings = fit.settings
@@ -131,7 +131,7 @@ async def _run(st: ServerState, settings: Settings, notifier: Notifier, start_en
             notifier.ready(f"serving {engine.info.model_name} (loaded in {load_s:.1f} s)")
             log.info("ready in %.1f s: %s", load_s, engine.info)
             tasks = [asyncio.create_task(_watch(st, engine, notifier))]
-            watch = guards.watch_from_settings(settings)
+            watch = memory_watch.watch_from_settings(settings)
             if watch is not None:
                 tasks.append(asyncio.create_task(_guard_memory(st, watch)))
             await st.stop_requested.wait()
@@ -228,16 +228,16 @@ async def _watch(st: ServerState, engine: Engine, notifier: Notifier) -> None:
     await run_watchdog(liveness, notifier, tick, on_dead, on_miss, st.status_line, on_alive)
 
 
-async def _guard_memory(st: ServerState, watch: guards.MemoryWatch) -> None:
+async def _guard_memory(st: ServerState, watch: memory_watch.MemoryWatch) -> None:
     """Soft limit: not ready and ``MemoryGuarded`` for new requests; hard limit: drain and exit 75."""
 
     async def on_change(level: str, reason: str) -> None:
-        if level == guards.Level.OK:
+        if level == memory_watch.Level.OK:
             log.warning("memory guard: recovered")
             await st.serving()
             return
         st.metrics.guard_trips.labels(level).inc()
-        if level == guards.Level.SOFT:
+        if level == memory_watch.Level.SOFT:
             log.warning("memory guard: soft limit: %s; shedding new requests", reason)
             await st.guarded(reason)
         else:
@@ -245,8 +245,8 @@ async def _guard_memory(st: ServerState, watch: guards.MemoryWatch) -> None:
             st.memory_exhausted(reason)
 
     pid = os.getpid()
-    await guards.run_memory_watch(
-        watch, lambda: guards.read_memory(pid), st.settings.memory_check_interval_s, on_change
+    await memory_watch.run_memory_watch(
+        watch, lambda: memory_watch.read_memory(pid), st.settings.memory_check_interval_s, on_change
     )
 
 

@@ -1,7 +1,7 @@
 """``edgephi doctor``: can this box serve, and if not, why — one line per check, each with the fix.
 
 Checks: configuration, GPU + driver + compute capability (NVML), device and host memory against the
-preflight model of :mod:`edgephi.guards`, disk, artifact (present, loadable shape, manifest digests), the
+preflight model of :mod:`edgephi.preflight`, disk, artifact (present, loadable shape, manifest digests), the
 systemd unit, and the gRPC port.
 """
 
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from edgephi import guards
+from edgephi import preflight
 from edgephi.config import ConfigError, Settings, load_settings
 
 GiB = 2**30
@@ -103,7 +103,7 @@ def _artifact(settings: Settings) -> Check:
             "run `edgephi quantize` or `edgephi fetch`, or set EDGEPHI_MODEL",
         )
     try:
-        shape = guards.read_shape(model.resolve())
+        shape = preflight.read_shape(model.resolve())
     except ConfigError as exc:
         return Check("artifact", False, str(exc), "point EDGEPHI_MODEL at a complete artifact")
     manifest = model / "manifest.json"
@@ -140,7 +140,7 @@ def verify_manifest_files(model: Path) -> list[str]:
 
 def _memory(settings: Settings) -> Check:
     try:
-        fit = guards.preflight(settings)
+        fit = preflight.preflight(settings)
     except ConfigError as exc:
         return Check("memory", False, str(exc), "apply the settings named above")
     if fit.need_bytes == 0:

@@ -29,6 +29,6 @@ safe extraction, every file verified, promotion with a rename. It never switches
 ratio and next-token top-1 agreement against the 16-bit source on held-out text), recorded in the manifest
 (which changes the artifact digest; the daemon reports the new one after its next start).
 
-Store layout: see :mod:`.store`. Manifest format: see :mod:`.manifest`. Exit codes: see :mod:`.commands`.
+Store layout: see :mod:`.store`. Manifest format: see :mod:`.manifest`. Exit codes: see :mod:`edgephi.cli.models`.
 Importing this package imports neither torch nor vLLM.
 """

@@ -1,4 +1,5 @@
-"""Settings: EDGEPHI_* variables and env file, unknown keys rejected, bad values named; exit 78 from serve."""
+"""``edgephi serve`` on bad settings exits 78 naming them (a port in use, an unknown key, a missing model), and
+``python -m edgephi.cli`` argument errors exit 2. Parsing the settings themselves is tests/unit/test_config.py."""
 
 from __future__ import annotations
 
@@ -10,79 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from edgephi.config import PROBE_SEATS, ConfigError, engine_args, load_settings
 from edgephi.exit_codes import ExitCode
-
-
-@pytest.fixture
-def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
-    for key in list(os.environ):
-        if key.startswith("EDGEPHI_"):
-            monkeypatch.delenv(key)
-    return monkeypatch
-
-
-def test_env_and_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    env_file = tmp_path / "edgephi.env"
-    env_file.write_text("EDGEPHI_PORT=6000\nEDGEPHI_MAX_CONCURRENT_STREAMS=4\n")
-    clean_env.setenv("EDGEPHI_MAX_MODEL_LEN", "4096")
-    s = load_settings(env_file)
-    assert (s.port, s.max_concurrent_streams, s.max_model_len) == (6000, 4, 4096)
-    args = engine_args(s)
-    assert args["max_num_seqs"] == 4 + PROBE_SEATS and args["max_model_len"] == 4096  # + the probe's seat
-
-
-def test_unknown_env_var_is_named_with_suggestion(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("EDGEPHI_MAX_CONCURENT_STREAMS", "4")
-    expected = r"EDGEPHI_MAX_CONCURENT_STREAMS.*did you mean EDGEPHI_MAX_CONCURRENT_STREAMS\?"
-    with pytest.raises(ConfigError, match=expected):
-        load_settings()
-
-
-def test_unknown_key_in_env_file(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    env_file = tmp_path / "edgephi.env"
-    env_file.write_text("EDGEPHI_PORTT=1\n")
-    with pytest.raises(ConfigError, match="EDGEPHI_PORTT"):
-        load_settings(env_file)
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "expected"),
-    [
-        ("EDGEPHI_PORT", "70000", "EDGEPHI_PORT"),
-        ("EDGEPHI_MAX_CONCURRENT_STREAMS", "0", "EDGEPHI_MAX_CONCURRENT_STREAMS"),
-        ("EDGEPHI_DEFAULT_MAX_TOKENS", "999999", "EDGEPHI_DEFAULT_MAX_TOKENS"),
-        ("EDGEPHI_GPU_MEMORY_UTILIZATION", "1.5", "EDGEPHI_GPU_MEMORY_UTILIZATION"),
-    ],
-)
-def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
-    clean_env.setenv(key, value)
-    with pytest.raises(ConfigError, match=expected):
-        load_settings()
-
-
-@pytest.mark.parametrize(
-    ("key", "value", "expected"),
-    [
-        ("EDGEPHI_LOG_LEVEL", "bogus", "EDGEPHI_LOG_LEVEL"),
-        ("EDGEPHI_ENGINE_EXTRA_ARGS", "{bad json", "JSON object"),
-        ("EDGEPHI_DRAIN_GRACE_S", "inf", "EDGEPHI_DRAIN_GRACE_S"),
-        ("EDGEPHI_DEFAULT_TEMPERATURE", "3", "EDGEPHI_DEFAULT_TEMPERATURE"),
-        ("EDGEPHI_PORT_FILE", "/nonexistent-dir/ports.json", "EDGEPHI_PORT_FILE"),
-        ("EDGEPHI_STREAM_WRITE_TIMEOUT_S", "0", "EDGEPHI_STREAM_WRITE_TIMEOUT_S"),
-    ],
-)
-def test_more_bad_values_are_config_errors(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
-    clean_env.setenv(key, value)
-    with pytest.raises(ConfigError, match=expected):
-        load_settings()
-
-
-def test_client_variables_and_lowercase_level_are_accepted(clean_env: pytest.MonkeyPatch) -> None:
-    clean_env.setenv("EDGEPHI_CLIENT_PORT", "50052")
-    clean_env.setenv("EDGEPHI_CLIENT_HOST", "10.0.0.2")
-    clean_env.setenv("EDGEPHI_LOG_LEVEL", "debug")
-    assert load_settings().log_level == "DEBUG"
 
 
 def test_serve_on_a_port_in_use_exits_78_naming_the_fix(artifact: Path, tmp_path: Path) -> None:
@@ -130,7 +59,7 @@ def test_serve_with_the_metrics_port_in_use_exits_78(artifact: Path) -> None:
 )
 def test_cli_argument_errors_exit_2_with_the_fix(args: list[str], expected: str) -> None:
     proc = subprocess.run([sys.executable, "-m", "edgephi.cli", *args], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == ExitCode.USAGE, proc.stderr
     assert expected in proc.stderr and "Traceback" not in proc.stderr
 
 

@@ -1,8 +1,10 @@
-"""The ``quantize``, ``fetch``, ``verify`` and ``models`` subcommands of ``edgephi`` (registered by edgephi.cli).
+"""``edgephi quantize``, ``fetch``, ``verify`` and ``models``: the artifact store (:mod:`edgephi.artifacts`).
 
-Exit codes: 0 ok; 1 failed or refused after looking (digest mismatch, bad archive, gate below thresholds,
-manifest mismatch, download failure); 2 refused before any work (a configuration vLLM cannot serve, bad name or
-arguments, not enough disk).
+Exit codes (:class:`edgephi.exit_codes.ExitCode`): 0 ok; 1 (``FAILED``) failed after looking (digest mismatch,
+bad archive, gate below thresholds, manifest mismatch, download failure, a store error); 3 (``REFUSED``) refused
+before any work by ``quantize`` (a configuration vLLM cannot serve, a source that is not a 16-bit checkpoint or
+cannot be resolved, a taken name, too little disk); 2 (``USAGE``) is argparse's, for a wrong command line.
+A SIGTERM ends ``quantize``/``fetch`` with 143 (128 + 15) after their temp directories are removed.
 """
 
 from __future__ import annotations
@@ -12,15 +14,16 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from edgephi.artifacts.store import DEFAULT_STORE, STORE_ENV
+from edgephi.cli.command import Command, Subparsers
 from edgephi.exit_codes import ExitCode
 
-COMMANDS = ("quantize", "fetch", "verify", "models")
-EXIT_FAILED = ExitCode.FAILED
-EXIT_REFUSED = ExitCode.REFUSED
+#: A store command's body: given the arguments and the store (``--store``), do the work, return an exit code.
+Body = Callable[[argparse.Namespace, Any], int]
 
 
 def _add_store(p: argparse.ArgumentParser) -> None:
@@ -51,8 +54,7 @@ def _profiles_epilog() -> str:
     return "\n".join(lines)
 
 
-def add_parsers(sub: Any) -> None:
-    """Register the artifact subcommands on ``edgephi``'s subparsers."""
+def add_quantize(sub: Subparsers) -> argparse.ArgumentParser:
     from edgephi.artifacts.build import EXPORT_FORMATS, PROFILES
 
     q = sub.add_parser("quantize", help="quantize a 16-bit checkpoint (auto-round W4A16) into the store, gated",
@@ -86,7 +88,10 @@ def add_parsers(sub: Any) -> None:
     q.add_argument("--no-gate", action="store_true", help="promote without the quality gate")
     _add_gate(q)
     q.add_argument("--use", action="store_true", help="make it current once promoted")
+    return q
 
+
+def add_fetch(sub: Subparsers) -> argparse.ArgumentParser:
     f = sub.add_parser("fetch", help="install a prebuilt artifact (URL, archive, directory, hf://) pinned by sha256")
     f.add_argument("source", help="http(s) URL of a .tar/.tar.gz, local archive or directory, hf://ORG/REPO@COMMIT")
     f.add_argument("--sha256", required=True,
@@ -97,7 +102,10 @@ def add_parsers(sub: Any) -> None:
     f.add_argument("--retries", type=int, default=5, help="download attempts (each resumes) (default %(default)s)")
     f.add_argument("--timeout", type=float, default=60.0, help="network read timeout, seconds")
     f.add_argument("--use", action="store_true", help="make it current once promoted")
+    return f
 
+
+def add_verify(sub: Subparsers) -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="check an artifact against its manifest; with --reference, run the gate")
     v.add_argument("artifact", nargs="?", help="store name or directory (default: the store's current)")
     _add_store(v)
@@ -108,7 +116,10 @@ def add_parsers(sub: Any) -> None:
     v.add_argument("--device", help="gate device (default: cuda when the 16-bit model fits, else cpu)")
     v.add_argument("--no-record", action="store_true", help="do not write the gate result into manifest.json")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
+    return v
 
+
+def add_models(sub: Subparsers) -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the store's artifacts, switch current, remove one")
     msub = m.add_subparsers(dest="models_command", required=True)
     ml = msub.add_parser("list", help="artifacts, the current one marked")
@@ -121,6 +132,7 @@ def add_parsers(sub: Any) -> None:
     mr = msub.add_parser("remove", help="remove NAME (never the current one)")
     mr.add_argument("name")
     _add_store(mr)
+    return m
 
 
 def _on_sigterm(signum: int, _frame: Any) -> None:
@@ -131,25 +143,23 @@ def _err(msg: str) -> None:
     print(f"edgephi: {msg}", file=sys.stderr)
 
 
-def run(args: argparse.Namespace) -> int:
-    """Run one of :data:`COMMANDS`."""
-    from edgephi.artifacts.store import Store, StoreError
+def in_store(body: Body) -> Callable[[argparse.Namespace], int]:
+    """The command's ``run``: open the store (``--store``), run ``body``; store and permission errors exit 1."""
 
-    store = Store.from_arg(args.store)
-    try:
-        if args.command == "quantize":
-            return _quantize(args, store)
-        if args.command == "fetch":
-            return _fetch(args, store)
-        if args.command == "verify":
-            return _verify(args, store)
-        return _models(args, store)
-    except StoreError as exc:
-        _err(str(exc))
-        return EXIT_FAILED
-    except PermissionError as exc:
-        _err(f"{exc} (run as the store's owner, e.g. `runuser -u edgephi -- edgephi ...`)")
-        return EXIT_FAILED
+    def run(args: argparse.Namespace) -> int:
+        from edgephi.artifacts.store import Store, StoreError
+
+        store = Store.from_arg(args.store)
+        try:
+            return body(args, store)
+        except StoreError as exc:
+            _err(str(exc))
+            return ExitCode.FAILED
+        except PermissionError as exc:
+            _err(f"{exc} (run as the store's owner, e.g. `runuser -u edgephi -- edgephi ...`)")
+            return ExitCode.FAILED
+
+    return run
 
 
 def _current_note(store: Any) -> str:
@@ -163,7 +173,7 @@ def _offline() -> None:
         os.environ.setdefault(var, "1")
 
 
-def _quantize(args: argparse.Namespace, store: Any) -> int:
+def run_quantize(args: argparse.Namespace, store: Any) -> int:
     from edgephi.artifacts import gate
     from edgephi.artifacts.build import GateFailed, QuantParams, Refused, quantize_to_store
     from edgephi.artifacts.fetch import FetchError, hub_snapshot, parse_source
@@ -192,7 +202,7 @@ def _quantize(args: argparse.Namespace, store: Any) -> int:
             model_id, revision = src.location, src.revision
         except FetchError as exc:
             _err(str(exc))
-            return EXIT_REFUSED
+            return ExitCode.REFUSED
     else:
         source_dir = Path(args.model)
     _offline()
@@ -217,22 +227,22 @@ def _quantize(args: argparse.Namespace, store: Any) -> int:
         )
     except Refused as exc:
         _err("refused before starting:\n  - " + "\n  - ".join(exc.reasons))
-        return EXIT_REFUSED
+        return ExitCode.REFUSED
     except GateFailed as exc:
         _err(f"{exc}\nthe artifact was NOT promoted; {_current_note(store)}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except gate.GateError as exc:
         _err(f"the quality gate could not run: {exc}\nthe artifact was NOT promoted; {_current_note(store)}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     from edgephi.artifacts.manifest import artifact_digest
 
     if result is not None:
         print(result.line(), file=sys.stderr)
     print(f"{final}\t{artifact_digest(final)}{chr(9) + 'current' if args.use else ''}")
-    return 0
+    return ExitCode.OK
 
 
-def _fetch(args: argparse.Namespace, store: Any) -> int:
+def run_fetch(args: argparse.Namespace, store: Any) -> int:
     from edgephi.artifacts.fetch import DigestMismatch, FetchError, fetch
     from edgephi.artifacts.manifest import artifact_digest
 
@@ -242,15 +252,15 @@ def _fetch(args: argparse.Namespace, store: Any) -> int:
                       retries=args.retries, timeout=args.timeout)  # fmt: skip
     except DigestMismatch as exc:
         _err(f"{exc}\nnothing was installed; {_current_note(store)}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     except FetchError as exc:
         _err(f"{exc}\nnothing was installed; {_current_note(store)}")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     print(f"{final}\t{artifact_digest(final)}{chr(9) + 'current' if args.use else ''}")
-    return 0
+    return ExitCode.OK
 
 
-def _verify(args: argparse.Namespace, store: Any) -> int:
+def run_verify(args: argparse.Namespace, store: Any) -> int:
     from edgephi.artifacts import gate
     from edgephi.artifacts import manifest as mf
 
@@ -258,7 +268,7 @@ def _verify(args: argparse.Namespace, store: Any) -> int:
     path = store.resolve(args.artifact)
     if not path.is_dir():
         _err(f"{path}: no such artifact")
-        return EXIT_FAILED
+        return ExitCode.FAILED
     out: dict[str, Any] = {"artifact": str(path.resolve())}
     try:
         problems = mf.verify(path)
@@ -271,11 +281,11 @@ def _verify(args: argparse.Namespace, store: Any) -> int:
         if args.json:
             print(json.dumps(out, indent=2))
         _err(f"{path.resolve()}: does not match its manifest:\n  - " + "\n  - ".join(problems))
-        return EXIT_FAILED
+        return ExitCode.FAILED
     out["digest"] = mf.artifact_digest(path)
     if not args.json:
         print(f"{path.resolve()}: {len(data['files'])} files match manifest.json ({out['digest']})")
-    code = 0
+    code: int = ExitCode.OK
     if args.reference is not None:
         from edgephi.quantize import load_calibration_files
 
@@ -286,7 +296,7 @@ def _verify(args: argparse.Namespace, store: Any) -> int:
                                    device=args.device)  # fmt: skip
         except gate.GateError as exc:
             _err(f"the quality gate could not run: {exc}")
-            return EXIT_FAILED
+            return ExitCode.FAILED
         out["gate"] = result.to_json()
         if not args.json:
             print(result.line())
@@ -296,7 +306,7 @@ def _verify(args: argparse.Namespace, store: Any) -> int:
             out["digest"] = mf.artifact_digest(path)
             if not args.json:
                 print(f"gate result recorded in manifest.json (artifact digest now {out['digest']})")
-        code = 0 if result.passed else EXIT_FAILED
+        code = ExitCode.OK if result.passed else ExitCode.FAILED
     elif data.get("gate") and not args.json:
         g = data["gate"]
         print(f"recorded gate: {'passed' if g.get('passed') else 'FAILED'}, perplexity ratio {g.get('ppl_ratio')}, "
@@ -315,7 +325,7 @@ def _human(n: int) -> str:
     return f"{size:.1f} GiB"
 
 
-def _models(args: argparse.Namespace, store: Any) -> int:
+def run_models(args: argparse.Namespace, store: Any) -> int:
     if args.models_command == "list":
         if not Path(store.root).is_dir():
             print(
@@ -323,12 +333,12 @@ def _models(args: argparse.Namespace, store: Any) -> int:
                 "`edgephi fetch`, or pass --store / set EDGEPHI_STORE_DIR",
                 file=sys.stderr,
             )
-            return 1
+            return ExitCode.FAILED
         items = store.list()
         if args.json:
             print(json.dumps({"store": str(store.root), "current": store.current_target(),
                               "artifacts": [i.summary() for i in items]}, indent=2))  # fmt: skip
-            return 0
+            return ExitCode.OK
         target = store.current_target()
         print(f"store {store.root}; current -> {target if target else '(none)'}")
         for i in items:
@@ -340,14 +350,22 @@ def _models(args: argparse.Namespace, store: Any) -> int:
                 gate_txt = f"gate {verdict} ppl x{gate['ppl_ratio']} top1 {gate['top1_agreement']}"
             print(f"{'*' if i.current else ' '} {i.name:32} {_human(i.size):>10}  {s['created'] or '?':20}  {gate_txt}"
                   f"  {i.problem or s['source'] or ''}")  # fmt: skip
-        return 0
+        return ExitCode.OK
     if args.models_command == "use":
         problems = store.use(args.name, verify=not args.no_verify)
         if problems:
             _err(f"{args.name} does not match its manifest; current unchanged:\n  - " + "\n  - ".join(problems))
-            return EXIT_FAILED
+            return ExitCode.FAILED
         print(f"current -> {args.name}")
-        return 0
+        return ExitCode.OK
     store.remove(args.name)
     print(f"removed {args.name}")
-    return 0
+    return ExitCode.OK
+
+
+COMMANDS = (
+    Command("quantize", add_quantize, in_store(run_quantize)),
+    Command("fetch", add_fetch, in_store(run_fetch)),
+    Command("verify", add_verify, in_store(run_verify)),
+    Command("models", add_models, in_store(run_models)),
+)
