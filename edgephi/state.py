@@ -135,7 +135,10 @@ class ServerState:
         await self._enter(Lifecycle.SERVING, status)
 
     async def guarded(self, reason: str) -> None:
-        """The memory guard's soft limit tripped: shed new requests (``MemoryGuarded``) until :meth:`serving`."""
+        """The memory guard's soft limit tripped: shed new requests (``MemoryGuarded``) until :meth:`serving`
+        (no-op unless serving or guarded: loading, draining and the ends stay as they are)."""
+        if self.lifecycle not in (Lifecycle.SERVING, Lifecycle.GUARDED):
+            return
         self.guard_reason = reason
         await self._enter(Lifecycle.GUARDED)
 

@@ -162,11 +162,17 @@ async def run_watchdog(
     """Ping systemd every ``interval_s`` while the engine is alive; call ``on_dead`` once and return if it dies.
 
     ``interval_s`` is half of ``WATCHDOG_USEC`` under systemd (sd_watchdog_enabled(3) recommends pinging
-    at half the timeout).
+    at half the timeout). A liveness check that raises counts as a miss (no ping, ``on_miss``), so systemd's
+    watchdog still restarts a daemon whose check keeps failing.
     """
     while True:
         started = time.monotonic()
-        verdict = await liveness.check()
+        try:
+            verdict = await liveness.check()
+        except Exception as exc:  # a bug in a check must not end the watchdog silently: no ping, say why
+            log.exception("watchdog: liveness check failed")
+            liveness.reason = f"liveness check failed: {type(exc).__name__}: {exc}"
+            verdict = Verdict.WEDGED
         if verdict is Verdict.ALIVE:
             if on_alive is not None:
                 on_alive()

@@ -79,6 +79,7 @@ async def test_draining_and_dead_are_not_left_by_serving(st: ServerState) -> Non
     await st.serving()
     await st.draining()
     await st.serving()  # e.g. the memory watch recovering during a drain
+    await st.guarded("RSS between the limits again")  # or falling back from hard to soft during it
     assert st.lifecycle is Lifecycle.DRAINING and isinstance(st.refusal(), NotServing)
     st.engine_dead("core gone")
     await asyncio.sleep(0)

@@ -289,3 +289,33 @@ def test_notifier_ignores_a_watchdog_meant_for_another_process_and_is_a_noop_wit
     notifier = Notifier.from_env()
     assert notifier.watchdog_usec is None and not notifier.enabled
     notifier.ping()  # nothing to send to: no error
+
+
+async def test_a_raising_liveness_check_is_a_miss_not_a_silent_end(engine: FakeEngine) -> None:
+    """A bug in a check (here core_pids raising) must not end the watchdog: no ping, on_miss with the cause."""
+    notifier = FakeNotifier()
+    events: list[tuple[str, str]] = []
+    probe = engine.probe()
+    calls = 0
+
+    def core_pids() -> list[int]:
+        nonlocal calls
+        calls += 1
+        if calls <= 2:
+            raise OSError("cannot read /proc")
+        engine.dead = "engine core exited"
+        return []
+
+    probe.core_pids = core_pids
+    await asyncio.wait_for(
+        run_watchdog(
+            Liveness(probe, probe_timeout_s=1.0),
+            notifier,  # type: ignore[arg-type]
+            0.001,
+            on_dead=lambda reason: events.append(("dead", reason)),
+            on_miss=lambda reason: events.append(("miss", reason)),
+        ),
+        timeout=10,
+    )
+    assert events[:2] == [("miss", "liveness check failed: OSError: cannot read /proc")] * 2
+    assert events[-1][0] == "dead" and notifier.sent == []
