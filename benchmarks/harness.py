@@ -5,8 +5,9 @@ Systems (each started as its own process tree, one after the other, never at the
 * ``inproc``  vLLM's ``AsyncLLM`` in a worker process, driven by asyncio in that same process: the engine
   alone, with exactly the engine arguments edgephi derives from its settings (``edgephi.config.engine_args``)
   and the same ``SamplingParams`` edgephi builds (``edgephi.engine.to_sampling_params``).
-* ``daemon``  ``python -m edgephi.cli serve`` (settings as ``EDGEPHI_*`` variables, port 0 + port file),
-  driven by real ``grpc.aio`` streaming clients (one channel per stream) in the orchestrating process.
+* ``daemon``  ``python -m edgephi.cli serve`` (settings as ``EDGEPHI_*`` variables, port 0 + port file), started
+  by ``edgephi.testing.run_daemon`` (the tests' launcher) and driven by real ``grpc.aio`` streaming clients (one
+  channel per stream) in the orchestrating process.
 * ``serve``   ``vllm serve`` (``vllm.entrypoints.openai.api_server``) with the same engine arguments turned into
   CLI flags, driven by streaming HTTP clients (aiohttp, ``/v1/completions`` with token-id prompts and
   ``stream_options.continuous_usage_stats`` so every chunk carries the token count).
