@@ -4,6 +4,7 @@
   figures, copy rate), then the edgephi daemon (through ``edgephi.testing.run_daemon``), vLLM in-process and
   ``vllm serve``, each started, measured and stopped; the table has every system's column and the daemon's
   ratios to the other two. ``daemon_restart`` (the daemon's start again, no workload) is left out for time.
+  Three engine starts: ~3 minutes on 2 busy cores.
 * ``python -m benchmarks.gpu_accept --cpu-smoke``: its checks that need no daemon of their own (environment,
   artifact, doctor), then ``report`` merging the part. Its other checks are covered elsewhere or cannot run
   here: ``serving_tests`` runs tests/integration itself, ``quantize`` is tests/integration/test_quantize.py,
