@@ -46,10 +46,10 @@ lint: venv
 	$(VENV)/bin/ruff format --check edgephi tests benchmarks hatch_build.py
 
 typecheck: venv
-	$(VENV)/bin/mypy edgephi
+	$(VENV)/bin/mypy edgephi tests benchmarks
 
 bench: venv
-	$(PY) benchmarks/bench_serving.py
+	$(PY) -m benchmarks.bench_serving
 
 # ansible/: its own virtualenv (ansible 12 / core 2.19, ansible-lint, yamllint) plus nftables; see ansible/README.md
 ansible-deps:

