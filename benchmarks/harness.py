@@ -4,7 +4,7 @@ Systems (each started as its own process tree, one after the other, never at the
 
 * ``inproc``  vLLM's ``AsyncLLM`` in a worker process, driven by asyncio in that same process: the engine
   alone, with exactly the engine arguments edgephi derives from its settings (``edgephi.config.engine_args``)
-  and the same ``SamplingParams`` edgephi builds (``edgephi.engine.to_sampling_params``).
+  and the same ``SamplingParams`` edgephi builds (``edgephi.engine.vllm.to_sampling_params``).
 * ``daemon``  ``python -m edgephi.cli serve`` (settings as ``EDGEPHI_*`` variables, port 0 + port file), started
   by ``edgephi.testing.run_daemon`` (the tests' launcher) and driven by real ``grpc.aio`` streaming clients (one
   channel per stream) in the orchestrating process.
@@ -302,7 +302,8 @@ def inproc_factory(llm: Any) -> StreamFactory:
     """Streams straight into an ``AsyncLLM`` in this process (edgephi's own SamplingParams)."""
     from vllm.inputs import TokensPrompt
 
-    from edgephi.engine import Sampling, to_sampling_params
+    from edgephi.engine.types import Sampling
+    from edgephi.engine.vllm import to_sampling_params
 
     counter = iter(range(10**9))
 

@@ -62,6 +62,7 @@ async def serve(
     Raises:
         ConfigError: a setting, file, port or preflight check is wrong (the CLI exits 78).
     """
+    own_notifier = notifier is None
     notifier = notifier or Notifier.from_env()
     # Configuration checks, all before anything starts (ConfigError → exit 78): security, then memory.
     tls = tls_material(settings)
@@ -112,6 +113,8 @@ async def serve(
         service.close()
         st.stopped()
         log.info("stopped (exit %d)", st.exit_code)
+        if own_notifier:
+            notifier.close()
 
 
 async def _run(st: ServerState, settings: Settings, notifier: Notifier, start_engine: EngineStarter) -> int:

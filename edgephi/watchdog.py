@@ -58,6 +58,12 @@ class Notifier:
     def enabled(self) -> bool:
         return self._sock is not None
 
+    def close(self) -> None:
+        """Close the socket; later calls are no-ops."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
     def send(self, **fields: str | int) -> None:
         """Send ``KEY=VALUE`` lines (``ready=1`` → ``READY=1``). Errors are logged, never raised."""
         if self._sock is None or self.address is None:

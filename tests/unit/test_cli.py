@@ -123,7 +123,7 @@ def test_argument_errors_exit_2_naming_the_fix(
 ) -> None:
     with pytest.raises(SystemExit) as exc:
         main(argv)
-    assert exc.value.code == ExitCode.USAGE == 2
+    assert exc.value.code == ExitCode.USAGE
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
 

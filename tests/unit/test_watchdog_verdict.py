@@ -138,7 +138,7 @@ async def test_a_stopped_core_is_wedged_even_with_progress(engine: FakeEngine, m
         def status(self) -> str:
             return psutil.STATUS_STOPPED  # as after SIGSTOP
 
-    monkeypatch.setattr(watchdog.psutil, "Process", StoppedCore)
+    monkeypatch.setattr(psutil, "Process", StoppedCore)
     liveness = Liveness(engine.probe(), probe_timeout_s=5)
     engine.tokens = 3
     assert await liveness.check() is Verdict.WEDGED
@@ -278,6 +278,9 @@ def test_notifier_takes_the_socket_out_of_the_environment_and_sends_key_value_li
     assert sock.recv(4096) == b"EXTEND_TIMEOUT_USEC=1500000"
     notifier.stopping("draining")
     assert sock.recv(4096) == b"STOPPING=1\nSTATUS=draining"
+    notifier.close()
+    notifier.ping()  # closed: a no-op
+    assert not notifier.enabled
 
 
 def test_notifier_ignores_a_watchdog_meant_for_another_process_and_is_a_noop_without_systemd(
