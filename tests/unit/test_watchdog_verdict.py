@@ -15,7 +15,6 @@ from typing import Any
 import psutil
 import pytest
 
-from edgephi import watchdog
 from edgephi.watchdog import Liveness, Notifier, Probe, Verdict, run_watchdog
 
 GONE_PID = 2**31 - 1  # no such process
