@@ -3,10 +3,10 @@ grpcui ask for first) and ``grpc.reflection.v1alpha`` (older tools).
 
 grpcio-reflection (1.85) ships only v1alpha. grpc's ``grpc/reflection/v1/reflection.proto`` is the v1alpha
 file under a new package: the same messages with the same field numbers (tests/unit/test_reflection.py
-checks it), so one servicer answers both names, reading and writing the v1alpha messages. So that reflection can
-describe its own v1 service (``grpcurl describe grpc.reflection.v1.ServerReflection``), the v1 file is
-derived from the installed v1alpha descriptor and added to the default descriptor pool, unless something
-(a grpcio-reflection that ships v1) registered it already.
+checks it), so one servicer answers both names, reading and writing the v1alpha messages. So that
+reflection can describe its own v1 service (``grpcurl describe grpc.reflection.v1.ServerReflection``), the
+v1 file is derived from the installed v1alpha descriptor and added to the default descriptor pool, unless
+something (a grpcio-reflection that ships v1) registered it already.
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ def channel_options(settings: Settings) -> list[tuple[str, int]]:
 
     * ``grpc.keepalive_time_ms`` / ``grpc.keepalive_timeout_ms`` = ``keepalive_time_s`` /
       ``keepalive_timeout_s`` (30 s / 10 s): the server pings a connection it heard nothing from for
-      ``keepalive_time_s`` and closes it when the ack is not back within ``keepalive_timeout_s``; grpc also sets
-      the socket's ``TCP_USER_TIMEOUT`` to the timeout, so a peer that stops acknowledging data mid-stream is
-      dropped as fast. Dropping the connection cancels its calls: streams end, engine requests are aborted,
-      slots are freed.
+      ``keepalive_time_s`` and closes it when the ack is not back within ``keepalive_timeout_s``; grpc also
+      sets the socket's ``TCP_USER_TIMEOUT`` to the timeout (gRFC A18), so a peer that stops acknowledging
+      data mid-stream is dropped as fast. Dropping the connection cancels its calls: streams end, engine
+      requests are aborted, slots are freed.
     * ``grpc.keepalive_permit_without_calls`` = 1: pings without calls are fine, both ways (the server pings
       idle connections, and a client's pings on one are judged by the interval below, not by the 2 h that
       grpc applies otherwise).

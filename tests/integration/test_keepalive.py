@@ -3,10 +3,11 @@
 * A client that pings every 10 s (common, to keep NAT and firewall state alive) keeps its connection across
   an idle minute under the default settings: no GOAWAY ``too_many_pings`` (grpc's own server default allows
   one ping per 5 minutes, and none without calls). Its pings are counted from grpc's ``http_keepalive`` trace.
-* A client that vanishes mid-stream: it runs in a network namespace of its own, joined to the daemon by a
-  veth pair, and an nftables rule in that namespace then drops every packet between the two (no FIN, no RST:
-  a pulled cable, a suspended laptop, a NAT entry gone). The daemon's pings go unanswered, it drops the
-  connection, and the stream's engine request is aborted and its slot freed within keepalive time + timeout.
+* A client that vanishes: it runs in a network namespace of its own, joined to the daemon by a veth pair,
+  and an nftables rule in that namespace then drops every packet between the two (no FIN, no RST: a pulled
+  cable, a suspended laptop, a NAT entry gone). Mid-stream, its engine request is aborted and its slot freed
+  within keepalive time + timeout; waiting in the queue (nothing in flight to it, so only the daemon's own
+  unanswered ping can tell), its request leaves the queue as fast.
 
 The second test needs root, iproute2 and nft (scripts/ci-ansible-deps.sh installs nftables): without them
 it is skipped here and fails in CI. It only touches what it creates (a namespace, a veth pair, a table in
@@ -31,10 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import pytest
 
-from edgephi.client import Client, Connection
+from edgephi.client import Client, Connection, sampling
 from edgephi.testing import Daemon, run_daemon
+from edgephi.v1 import inference_pb2 as pb
+from edgephi.v1 import inference_pb2_grpc as pb_grpc
 
 IN_CI = os.environ.get("CI", "").lower() in ("true", "1", "yes")
 CLIENT_PING_S = 10
@@ -88,15 +92,16 @@ def test_a_client_pinging_every_10_s_keeps_its_connection_across_an_idle_minute(
 
 # --- a peer that vanishes mid-stream -----------------------------------------------------------------------
 
-KEEPALIVE_TIME_S = 4.0
-KEEPALIVE_TIMEOUT_S = 4.0
-MARGIN_S = 10.0  # the handler's cancellation, the engine abort and the metrics scrape, on 2 loaded cores
+KEEPALIVE_TIME_S = 2.0
+KEEPALIVE_TIMEOUT_S = 2.0
+MARGIN_S = 8.0  # the handler's cancellation, the engine abort and the metrics scrape, on 2 loaded cores
+MAX_TOKENS = 2000
 
 _STREAM_CLIENT = """
 import sys, grpc
 from edgephi.v1 import inference_pb2 as pb, inference_pb2_grpc as pb_grpc
 channel = grpc.insecure_channel(sys.argv[1])  # no keepalive of its own: it will never notice the drop
-sampling = pb.SamplingOptions(max_tokens=2000, ignore_eos=True)
+sampling = pb.SamplingOptions(max_tokens=int(sys.argv[2]), ignore_eos=True)
 stream = pb_grpc.InferenceServiceStub(channel).Generate(pb.GenerateRequest(text="Once upon a time", sampling=sampling))
 next(stream)
 print("streaming", flush=True)
@@ -117,6 +122,9 @@ class ClientNamespace:
 
     def run(self, *cmd: str, input: str | None = None) -> None:
         _sh("ip", "netns", "exec", self.name, *cmd, input=input)
+
+    def allow_everything_again(self) -> None:
+        self.run("nft", "delete", "table", "inet", "edgephi_test_drop")
 
     def drop_everything_between(self) -> None:
         """An nftables table in the client's namespace that drops every packet to and from the daemon."""
@@ -201,10 +209,35 @@ def _read_line(proc: subprocess.Popen[str], timeout: float) -> str:
     return proc.stdout.readline().strip() if ready else ""
 
 
+def _engine_core(d: Daemon) -> psutil.Process:
+    for p in psutil.Process(d.proc.pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "EngineCore" in p.name() or "EngineCore" in " ".join(p.cmdline()):
+                return p
+    raise AssertionError("no VLLM::EngineCore process under the daemon")
+
+
+def _wait_until_freed(d: Daemon, gauges: tuple[str, ...], since: float) -> tuple[float, dict[str, float]]:
+    """Poll /metrics until every gauge is 0; return the seconds since ``since`` and the last scrape."""
+    bound = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S + MARGIN_S
+    while True:
+        m = d.metrics()
+        if all(m[g] == 0 for g in gauges):
+            return time.monotonic() - since, m
+        held = {k: v for k, v in m.items() if k.startswith(("edgephi_streams", "edgephi_engine", "edgephi_requests"))}
+        assert time.monotonic() - since < bound, f"still held {bound:g} s after the drop: {held}"
+        time.sleep(0.1)
+
+
 def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
     artifact: Path, tmp_path: Path, record_property: Any
 ) -> None:
+    """Twice, against one daemon with one slot: a client that vanishes mid-stream (tokens in flight to it: the
+    unacknowledged data ends the connection; the engine core is frozen right after the drop, so that only an
+    abort can end its request), then one that vanishes while its request waits in the queue behind another
+    client's stream (nothing in flight to it: only the server's unanswered ping can tell)."""
     _need_netns_tools()
+    cancelled = 'edgephi_requests_total{code="CANCELLED",method="Generate"}'
     with (
         client_namespace() as ns,
         run_daemon(
@@ -214,40 +247,62 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
             host=ns.server_ip,
             keepalive_time_s=KEEPALIVE_TIME_S,
             keepalive_timeout_s=KEEPALIVE_TIMEOUT_S,
-            # Far beyond the bound below, so that only the keepalive policy can free the slot in time.
+            # Far beyond the bound, so that only the keepalive policy can end the stream in time.
             stream_write_timeout_s=600,
+            max_concurrent_streams=1,
         ) as d,
     ):
         _wait_serving(ns.server_ip, d)
-        client = subprocess.Popen(
-            ["ip", "netns", "exec", ns.name, sys.executable, "-c", _STREAM_CLIENT, f"{ns.server_ip}:{d.port}"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            text=True,
-        )
+        target = f"{ns.server_ip}:{d.port}"
+        argv = ["ip", "netns", "exec", ns.name, sys.executable, "-c", _STREAM_CLIENT, target, str(MAX_TOKENS)]
+
+        # 1. Mid-stream.
+        client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             assert _read_line(client, 120) == "streaming", d.log()[-3000:]
             assert d.wait_metric("edgephi_streams_running", 1.0) == 1.0
-            assert d.wait_metric("edgephi_engine_unfinished_requests", 1.0) == 1.0
             ns.drop_everything_between()
             dropped = time.monotonic()
-            bound = KEEPALIVE_TIME_S + KEEPALIVE_TIMEOUT_S + MARGIN_S
-            while True:
-                m = d.metrics()
-                if m["edgephi_streams_running"] == 0 and m["edgephi_engine_unfinished_requests"] == 0:
-                    break
-                assert time.monotonic() - dropped < bound, f"slot still held {bound:g} s after the drop: {m}"
-                time.sleep(0.1)
-            freed_s = time.monotonic() - dropped
-            record_property("drop_to_slot_freed_s", round(freed_s, 2))
-            # The stream was cut short by the server (cancelled), not finished, and the client never left:
-            # it is still waiting for tokens behind the firewall rule.
-            assert m.get('edgephi_requests_total{code="CANCELLED",method="Generate"}') == 1.0, m
+            # Freeze the engine core at once, so that it cannot finish the request on its own: from here on
+            # only an abort (in the daemon's process) ends it, however fast the engine.
+            core = _engine_core(d)
+            core.suspend()
+            try:
+                assert d.metrics()["edgephi_engine_unfinished_requests"] == 1.0, "finished before the drop"
+                gauges = ("edgephi_streams_running", "edgephi_engine_unfinished_requests")
+                freed_s, m = _wait_until_freed(d, gauges, dropped)
+            finally:
+                core.resume()
+            record_property("mid_stream_drop_to_slot_freed_s", round(freed_s, 2))
+            # Cut short by the server (cancelled), and the client never left: it still waits behind the rule.
+            assert m.get(cancelled) == 1.0, m
             assert m.get('edgephi_requests_total{code="OK",method="Generate"}', 0.0) == 0.0, m
             assert client.poll() is None
         finally:
             client.kill()
             client.wait(30)
-        # The daemon goes on serving others.
+        _wait_serving(ns.server_ip, d, timeout=60)  # the watchdog saw the frozen core: ready again once it runs
+
+        # 2. Queued: another client holds the one slot (it reads nothing through a 1 KiB window, so its stream
+        # cannot end whatever the engine's speed); the vanished client's request waits and is sent nothing.
+        ns.allow_everything_again()
+        slow = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(target, options=slow) as channel:
+            request = pb.GenerateRequest(text="Once", sampling=sampling(max_tokens=MAX_TOKENS, ignore_eos=True))
+            holder = pb_grpc.InferenceServiceStub(channel).Generate(request, timeout=300)
+            next(holder)
+            client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+            try:
+                assert d.wait_metric("edgephi_streams_queued", 1.0, timeout=60) == 1.0, d.log()[-3000:]
+                ns.drop_everything_between()
+                freed_s, m = _wait_until_freed(d, ("edgephi_streams_queued",), time.monotonic())
+                record_property("queued_drop_to_freed_s", round(freed_s, 2))
+                assert m.get(cancelled) == 2.0, m
+                assert m["edgephi_streams_running"] == 1.0, m  # the other client's stream goes on
+                assert client.poll() is None
+            finally:
+                client.kill()
+                client.wait(30)
+            holder.cancel()
         with Client(Connection(ns.server_ip, d.port)) as c:
             assert c.count_tokens("still here") > 0
