@@ -70,6 +70,9 @@ def test_bad_values_are_named(clean_env: pytest.MonkeyPatch, key: str, value: st
         ("EDGEPHI_DEFAULT_TEMPERATURE", "3", "EDGEPHI_DEFAULT_TEMPERATURE"),
         ("EDGEPHI_PORT_FILE", "/nonexistent-dir/ports.json", "EDGEPHI_PORT_FILE"),
         ("EDGEPHI_STREAM_WRITE_TIMEOUT_S", "0", "EDGEPHI_STREAM_WRITE_TIMEOUT_S"),
+        ("EDGEPHI_KEEPALIVE_TIME_S", "0", "EDGEPHI_KEEPALIVE_TIME_S"),
+        ("EDGEPHI_KEEPALIVE_TIMEOUT_S", "inf", "EDGEPHI_KEEPALIVE_TIMEOUT_S"),
+        ("EDGEPHI_MIN_CLIENT_PING_INTERVAL_S", "-1", "EDGEPHI_MIN_CLIENT_PING_INTERVAL_S"),
     ],
 )
 def test_more_bad_values_are_config_errors(clean_env: pytest.MonkeyPatch, key: str, value: str, expected: str) -> None:
