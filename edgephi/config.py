@@ -80,6 +80,30 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
+    # --- connections: HTTP/2 keepalive (edgephi.grpc_door.server.channel_options maps them to grpc's args) --
+    keepalive_time_s: float = Field(
+        30.0,
+        gt=0.0,
+        le=7200.0,
+        description="The server pings a connection that sent it nothing for this long (s), idle or not "
+        "(grpc's server default: 2 h).",
+    )
+    keepalive_timeout_s: float = Field(
+        10.0,
+        gt=0.0,
+        le=3600.0,
+        description="A peer that acknowledges neither that ping nor sent data within this long (s) is dropped: "
+        "its streams end, their engine requests are aborted and their slots freed (grpc's default: 20 s).",
+    )
+    min_client_ping_interval_s: float = Field(
+        5.0,
+        ge=0.0,
+        le=7200.0,
+        description="Client pings closer together than this (s) are strikes, with or without calls in flight; "
+        "the third strike with no data sent in between gets GOAWAY too_many_pings (grpc's default: 300 s, and "
+        "none without calls). 5 lets clients ping every 10 s with room for timer slop; 0 = any rate.",
+    )
+
     # --- LAN security -------------------------------------------------------------------------------------
     auth_token_file: Path | None = Field(None, description="Bearer token file (mode 0600); unset = no auth.")
     tls_cert_file: Path | None = Field(None, description="Server certificate chain (PEM); unset = plaintext.")

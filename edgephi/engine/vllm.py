@@ -134,7 +134,7 @@ class VllmEngine:
                 raise EngineLoadError(f"engine failed to start: {exc}", 1) from exc
             yield engine
         finally:
-            await asyncio.to_thread(llm.shutdown)
+            await shutdown(llm)
 
     async def generate(self, request: GenerationRequest, request_id: str) -> AsyncGenerator[Delta, None]:
         """Stream :class:`Delta` s for ``request``.
@@ -196,6 +196,28 @@ class VllmEngine:
     def core_pids(self) -> list[int]:
         """PIDs of the engine-core processes found at start-up (``VLLM::EngineCore``), dead or alive."""
         return self._cores.pids
+
+
+async def shutdown(llm: Any) -> None:
+    """Shut ``llm`` (an ``AsyncLLM``) down: its output handler first, then the engine core and its processes.
+
+    ``AsyncLLM.shutdown()`` stops the engine core, then cancels the output-handler task. Called on the event
+    loop's thread (as vLLM's own entry points do when they close their engine client), the handler cannot run
+    in between. Called from a worker thread (so that the seconds it takes do not block the loop), the handler
+    can run first, read the ``EngineDeadError`` that closing the core leaves in its output queue, and log it
+    with a traceback at ERROR ("AsyncLLM output_handler failed"): a clean stop that looks like a crash in the
+    journal. Hence the handler is cancelled here, on the loop, and awaited before ``shutdown()`` runs in a
+    thread. The same in vLLM 0.26 and 0.32 (both have ``AsyncLLM.output_handler``: a task, or None before the
+    first request). A handler that already ended because the engine died has logged that cause, and stays as
+    it was.
+    """
+    try:
+        handler = getattr(llm, "output_handler", None)
+        if isinstance(handler, asyncio.Task) and not handler.done():
+            handler.cancel()
+            await asyncio.wait([handler])
+    finally:
+        await asyncio.to_thread(llm.shutdown)
 
 
 class CoreProcesses:

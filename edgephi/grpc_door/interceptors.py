@@ -2,7 +2,7 @@
 
 * :class:`BearerTokenInterceptor`: calls without ``authorization: Bearer <token>`` get ``UNAUTHENTICATED``;
   ``grpc.health.v1.Health`` stays open so that probes work without the token; everything else, reflection
-  included, needs it. The comparison is :func:`edgephi.security.token_matches` (constant time).
+  (v1 and v1alpha) included, needs it. The comparison is :func:`edgephi.security.token_matches` (constant time).
 * :class:`DecodeGuardInterceptor`: grpc deserializes a request before our handler runs; a protobuf
   ``DecodeError`` there (invalid UTF-8 in a ``string`` field, a truncated or foreign message) would surface as
   ``UNKNOWN "Unexpected <class 'google.protobuf.message.DecodeError'>"`` with a logged traceback. The
@@ -58,8 +58,11 @@ def _deny(method: str, reason: str) -> grpc.RpcMethodHandler[Any, Any]:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
         yield  # pragma: no cover - makes this an async generator
 
-    # Server-streaming methods need a streaming handler so the status reaches the client properly.
-    if method.endswith(("/Generate", "/Chat", "/ServerReflectionInfo")):
+    # A handler of the method's own kind, so that the status reaches the client properly: reflection's
+    # ServerReflectionInfo (v1 and v1alpha) streams both ways; Generate and Chat stream responses.
+    if method.endswith("/ServerReflectionInfo"):
+        return grpc.stream_stream_rpc_method_handler(stream)
+    if method.endswith(("/Generate", "/Chat")):
         return grpc.unary_stream_rpc_method_handler(stream)
     return grpc.unary_unary_rpc_method_handler(unary)
 

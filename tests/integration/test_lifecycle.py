@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import threading
 import time
@@ -19,6 +20,11 @@ from edgephi.v1 import inference_pb2 as pb
 from edgephi.v1 import inference_pb2_grpc as pb_grpc
 
 GRACE_S = 10.0  # the 20-token short stream takes 1-4 s on the slow CPU W4A16 path, under CI load
+
+
+def error_lines(log: str) -> list[str]:
+    """Lines of a daemon log at ERROR (ours and vLLM's formats) or of a traceback."""
+    return [line for line in log.splitlines() if re.search(r"\bERROR\b|\bCRITICAL\b|Traceback", line)]
 
 
 def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path) -> None:
@@ -94,6 +100,9 @@ def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path)
         elapsed = time.monotonic() - sent
         assert code == 0, d.log()[-3000:]
         assert GRACE_S - 0.5 <= elapsed < GRACE_S + 30
+        # A clean stop is quiet: no ERROR, no traceback (vLLM's "AsyncLLM output_handler failed ...
+        # EngineDeadError" came from its shutdown order; see edgephi.engine.vllm.shutdown).
+        assert error_lines(d.log()) == []
         # Nothing outlives the daemon.
         time.sleep(1)
         assert not [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -350,6 +350,29 @@ def test_health_went_from_not_serving_to_serving(daemon: Daemon) -> None:
         assert c.health("edgephi.v1.InferenceService") == "SERVING"
 
 
+def test_reflection_v1_lists_and_resolves_the_service(daemon: Daemon) -> None:
+    """What current grpcurl asks first: ``grpc.reflection.v1`` (tests/unit/test_reflection.py has the rest)."""
+    from google.protobuf.descriptor_pb2 import FileDescriptorProto
+    from google.protobuf.message_factory import GetMessageClass
+
+    from edgephi.grpc_door.reflection import v1_file
+
+    v1 = v1_file()
+    request = GetMessageClass(v1.message_types_by_name["ServerReflectionRequest"])
+    response = GetMessageClass(v1.message_types_by_name["ServerReflectionResponse"])
+    with grpc.insecure_channel(f"127.0.0.1:{daemon.port}") as channel:
+        info = channel.stream_stream(
+            "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+            request_serializer=lambda m: m.SerializeToString(),
+            response_deserializer=response.FromString,
+        )
+        asks = [request(list_services=""), request(file_containing_symbol="edgephi.v1.InferenceService")]
+        listed, found = info(iter(asks), timeout=10)
+    assert "edgephi.v1.InferenceService" in {s.name for s in listed.list_services_response.service}
+    files = [FileDescriptorProto.FromString(b) for b in found.file_descriptor_response.file_descriptor_proto]
+    assert "InferenceService" in {s.name for f in files if f.package == "edgephi.v1" for s in f.service}
+
+
 # Every series the daemon exports (README's metrics.py row); labelled counters appear once a label is used.
 SERIES = (
     "edgephi_requests_total",

@@ -161,4 +161,7 @@ def test_ready_pings_wedge_and_death(artifact: Path, tmp_path: Path, record_prop
         assert time.monotonic() - killed_at < 3 * WATCHDOG_USEC / 1e6 + 5
         assert d.proc.wait(60) == 1, d.log()[-3000:]
         record_property("sigkill_to_exit_s", round(time.monotonic() - killed_at, 3))
+        # A real death still says why at ERROR (only a clean stop is quiet: test_lifecycle.py).
+        dead = [line for line in d.log().splitlines() if "ERROR" in line and "engine dead (" in line]
+        assert dead and ("exited" in dead[0] or "EngineCore" in dead[0]), d.log()[-3000:]
         assert not n.times("WATCHDOG", since=killed_at + WATCHDOG_USEC / 1e6)
