@@ -91,7 +91,7 @@ async def test_a_client_pinging_on_a_timer_keeps_its_connection_idle_and_mid_cal
             assert "".join([m.text async for m in call]) == "ok"
             assert (await stub.CountTokens(pb.CountTokensRequest(text="hi"))).token_count == 2
             states = log.close()
-            await channel.close()
+            await channel.close(None)
             return states
 
         async def grpc_default() -> list[grpc.ChannelConnectivity]:
@@ -100,7 +100,7 @@ async def test_a_client_pinging_on_a_timer_keeps_its_connection_idle_and_mid_cal
             log = StateLog(channel)
             await wait_until(lambda: len(log.states) > 1, timeout_s=2 * PHASE_S + 1)
             states = log.close()
-            await channel.close()
+            await channel.close(None)
             return states
 
         kept, control = await asyncio.gather(ours(), grpc_default())
