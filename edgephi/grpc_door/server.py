@@ -41,7 +41,7 @@ async def build_server(
     """
     settings = service.state.settings
     # Auth first: an unauthenticated caller learns nothing, not even whether its bytes parse.
-    interceptors: list[Any] = [BearerTokenInterceptor(token)] if token else []
+    interceptors: list[Any] = [BearerTokenInterceptor(token, service.state.metrics)] if token else []
     interceptors.append(DecodeGuardInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
