@@ -6,12 +6,16 @@ hard limit")."""
 from __future__ import annotations
 
 import contextlib
+import gc
+import types
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+import edgephi
 from edgephi.engine.fake import FakeEngine
 from edgephi.engine.types import EngineRequestError
 from edgephi.errors import MAX_MESSAGE_CHARS, QUOTE_CHARS, InvalidArgument, StreamAborted, clip, quote
@@ -22,6 +26,7 @@ from edgephi.v1 import inference_pb2 as pb
 from tests.unit.harness import grpc_door
 
 HUGE = 20_000
+EDGEPHI = str(Path(edgephi.__file__).parent)
 # quote()'s own bound: the quoted characters, the quotes, the ellipsis and " (NNNNNNN characters)".
 QUOTED_MAX = QUOTE_CHARS + 30
 
@@ -217,3 +222,45 @@ async def test_any_status_message_is_capped_on_the_wire(caplog: pytest.LogCaptur
         assert (err.value.details() or "").startswith("Unexpected <class 'RuntimeError'>: www")
         assert wire_bytes(err.value.details() or "") <= MAX_DETAILS_WIRE_BYTES
     assert "unexpected error in handler" in caplog.text  # logged with its traceback
+
+
+# --- a refused request is freed at once, not at the next full collection of Python's cyclic GC ------------------
+
+
+def _garbage_holding(kinds: tuple[type, ...]) -> list[str]:
+    """The server's frames (edgephi's code) in the cyclic garbage (collected with DEBUG_SAVEALL) whose locals hold
+    an instance of ``kinds``."""
+    held = []
+    for obj in gc.garbage:
+        if not isinstance(obj, types.FrameType) or not obj.f_code.co_filename.startswith(EDGEPHI):
+            continue
+        if any(isinstance(v, kinds) for v in obj.f_locals.values()):
+            held.append(f"{obj.f_code.co_name} ({obj.f_code.co_filename.rsplit('/', 1)[-1]})")
+    return held
+
+
+@pytest.mark.parametrize("method", ["CountTokens", "Chat"])
+async def test_a_refused_request_is_not_kept_in_a_reference_cycle(method: str) -> None:
+    """grpc keeps a handler's AbortError in a reference cycle; its traceback used to hold our handler frames and
+    with them the request (up to 4 MiB) until a full collection, rare in the daemon (vLLM's heap): the fuzz
+    test's RSS climbed by tens of MiB."""
+    request: Any = (
+        pb.CountTokensRequest(chat=pb.ChatMessages(messages=[_role()]))
+        if method == "CountTokens"
+        else pb.ChatRequest(messages=[_role()])
+    )
+    async with grpc_door() as door:
+        await _call(door, method, request)  # warm up
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            for _ in range(3):
+                err = await _call(door, method, request)
+                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+            gc.collect()
+            assert _garbage_holding((pb.CountTokensRequest, pb.ChatRequest, InvalidArgument)) == []
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
