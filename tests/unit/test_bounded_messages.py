@@ -239,17 +239,20 @@ def _garbage_holding(kinds: tuple[type, ...]) -> list[str]:
     return held
 
 
-@pytest.mark.parametrize("method", ["CountTokens", "Chat"])
+@pytest.mark.parametrize("method", ["CountTokens", "Chat", "unauthenticated"])
 async def test_a_refused_request_is_not_kept_in_a_reference_cycle(method: str) -> None:
     """grpc keeps a handler's AbortError in a reference cycle; its traceback used to hold our handler frames and
     with them the request (up to 4 MiB) until a full collection, rare in the daemon (vLLM's heap): the fuzz
     test's RSS climbed by tens of MiB."""
     request: Any = (
         pb.CountTokensRequest(chat=pb.ChatMessages(messages=[_role()]))
-        if method == "CountTokens"
+        if method != "Chat"
         else pb.ChatRequest(messages=[_role()])
     )
-    async with grpc_door() as door:
+    token = b"s3cret-token-0123456789" if method == "unauthenticated" else None
+    code = grpc.StatusCode.UNAUTHENTICATED if token else grpc.StatusCode.INVALID_ARGUMENT
+    method = "CountTokens" if token else method
+    async with grpc_door(token=token) as door:
         await _call(door, method, request)  # warm up
         gc.collect()
         gc.disable()
@@ -257,9 +260,9 @@ async def test_a_refused_request_is_not_kept_in_a_reference_cycle(method: str) -
         try:
             for _ in range(3):
                 err = await _call(door, method, request)
-                assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert err.code() == code
             gc.collect()
-            assert _garbage_holding((pb.CountTokensRequest, pb.ChatRequest, InvalidArgument)) == []
+            assert _garbage_holding((pb.CountTokensRequest, pb.ChatRequest, InvalidArgument, bytes)) == []
         finally:
             gc.set_debug(0)
             gc.garbage.clear()
