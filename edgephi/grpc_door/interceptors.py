@@ -20,6 +20,8 @@
     input whole would exceed grpc's metadata limit and reach the client as ``RESOURCE_EXHAUSTED``.
   - An exception a handler lets escape gets ``UNKNOWN`` as from grpc itself, but with a bounded message (grpc's
     own would carry ``str(exc)`` whole), and is logged with its traceback.
+  - A handler's abort is re-raised without the tracebacks that tie it to the handler's frames: grpc holds it in a
+    reference cycle, and through them the refused request stayed in memory until a full GC (:func:`_released`).
 
 Order: authentication first, so an unauthenticated caller learns nothing, not even whether its bytes parse.
 """
