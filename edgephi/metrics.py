@@ -11,6 +11,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from edgephi.security import AUTH_FAILURE_REASONS
+
 _LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 30)
 _TPOT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)
 
@@ -40,6 +42,14 @@ class Metrics:
         self.completion_tokens = Counter("edgephi_completion_tokens", "Tokens generated.", registry=r)
         self.guard_trips = Counter("edgephi_guard_trips", "Memory-guard trips by level.", ["level"], registry=r)
         self.watchdog_misses = Counter("edgephi_watchdog_misses", "Watchdog ticks without a ping.", registry=r)
+        self.auth_failures = Counter(
+            "edgephi_auth_failures",
+            "Refused authentications by reason: missing, invalid, or duplicate (more than one authorization header).",
+            ["reason"],
+            registry=r,
+        )
+        for reason in AUTH_FAILURE_REASONS:  # exported at 0 from the start, so that rate() and alerts work
+            self.auth_failures.labels(reason)
         self.engine_restarts = Gauge(
             "edgephi_engine_restarts", "Service restarts before this start (systemd NRestarts, if given).", registry=r
         )

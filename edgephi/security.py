@@ -3,16 +3,32 @@
 The token is read once from a file that only the service user may read (mode 0600 or 0400 — a group- or
 world-readable token file is refused at start-up). It is compared with ``hmac.compare_digest`` (constant time)
 and never logged. The gRPC door checks it in :mod:`edgephi.grpc_door.interceptors`.
+
+Failed authentications are visible: each is counted (``edgephi_auth_failures_total{reason}``) and logged at
+WARNING by :class:`AuthFailureLog`, at most once per :data:`AUTH_LOG_INTERVAL_S` with the number left out in
+between (a client retrying a wrong token in a loop must not flood the journal), naming the reason, the method
+and the peer, never the credential.
 """
 
 from __future__ import annotations
 
 import hmac
+import logging
 import stat
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgephi.config import ConfigError, Settings
+from edgephi.errors import quote
+
+log = logging.getLogger(__name__)
+
+# Why an authentication failed: no (or an empty) credential, a wrong one, or more than one presented.
+AUTH_FAILURE_REASONS = ("missing", "invalid", "duplicate")
+# At most one WARNING per this many seconds about failed authentications.
+AUTH_LOG_INTERVAL_S = 10.0
 
 
 def read_token(path: Path) -> bytes:
@@ -39,6 +55,51 @@ def read_token(path: Path) -> bytes:
 def token_matches(given: bytes, expected: bytes) -> bool:
     """Whether a presented credential equals the expected one, in constant time (``hmac.compare_digest``)."""
     return hmac.compare_digest(given, expected)
+
+
+class AuthFailureLog:
+    """Counts failed authentications and logs them at WARNING, rate-limited; never the credential.
+
+    ``count(reason)`` is called for every failure (the daemon increments ``edgephi_auth_failures_total``);
+    :meth:`failed` logs one line per ``interval_s`` at most, and the next line it writes says how many failures
+    it left out since the previous one. Not thread-safe: the gRPC door calls it from its event loop.
+    """
+
+    def __init__(
+        self,
+        count: Callable[[str], None] | None = None,
+        *,
+        interval_s: float = AUTH_LOG_INTERVAL_S,
+        clock: Callable[[], float] = time.monotonic,
+        logger: logging.Logger = log,
+    ) -> None:
+        self._count = count
+        self._interval_s = interval_s
+        self._clock = clock
+        self._log = logger
+        self._last: float | None = None
+        self.suppressed = 0
+
+    def counted(self, reason: str) -> None:
+        """Count one failure (``reason`` is one of :data:`AUTH_FAILURE_REASONS`)."""
+        if self._count is not None:
+            self._count(reason)
+
+    def failed(self, reason: str, method: str, peer: str) -> bool:
+        """Log one failure (already :meth:`counted`) unless one was logged less than ``interval_s`` ago;
+        return whether it was logged. ``method`` is the client's (bounded here); ``peer`` its address."""
+        now = self._clock()
+        if self._last is not None and now - self._last < self._interval_s:
+            self.suppressed += 1
+            return False
+        left_out = ""
+        if self.suppressed:
+            left_out = f"; {self.suppressed} more failure(s) since the previous warning were not logged"
+        self._log.warning(
+            "authentication failed (%s) for %s from %s%s", reason, quote(method, 100), quote(peer, 100), left_out
+        )
+        self._last, self.suppressed = now, 0
+        return True
 
 
 @dataclass(frozen=True)

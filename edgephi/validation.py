@@ -4,7 +4,9 @@ Transport-neutral: a front door turns its wire format into the input types below
 :class:`TextPrompt`, :class:`TokenIdsPrompt`, :class:`ChatPrompt`) and hands them to a
 :class:`RequestValidator`. Every check raises :class:`~edgephi.errors.InvalidArgument` naming the offending
 field by its path in the request (the names the inputs carry, e.g. ``sampling.top_p``, ``messages[1].role``);
-nothing downstream re-checks.
+nothing downstream re-checks. A message that shows a client's value shows at most
+:data:`~edgephi.errors.QUOTE_CHARS` characters of it (:func:`~edgephi.errors.quote`); sizes and numbers are
+given instead of text elsewhere.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 from edgephi.engine.protocol import Tokenizer
 from edgephi.engine.types import GenerationRequest, Sampling
-from edgephi.errors import InvalidArgument
+from edgephi.errors import InvalidArgument, quote
 from edgephi.phi4 import CHAT_CONTROL_TOKENS, CHAT_ROLES, MIN_TOKENS_PER_CHAT_MESSAGE
 
 __all__ = [
@@ -319,13 +321,13 @@ class RequestValidator:
         for i, m in enumerate(messages):
             if m.role not in CHAT_ROLES:
                 raise InvalidArgument(
-                    f"{field}[{i}].role", f"unknown role {m.role!r}; expected one of {', '.join(CHAT_ROLES)}"
+                    f"{field}[{i}].role", f"unknown role {quote(m.role)}; expected one of {', '.join(CHAT_ROLES)}"
                 )
             found = pattern.search(m.content) if pattern is not None else None
             if found:
                 raise InvalidArgument(
                     f"{field}[{i}].content",
-                    f"contains the special token {found.group(0)}, which could forge a chat turn; remove it "
+                    f"contains the special token {quote(found.group(0))}, which could forge a chat turn; remove it "
                     "(use Generate for raw prompts)",
                 )
             out.append((m.role, m.content))

@@ -15,7 +15,7 @@ from grpc_health.v1._async import HealthServicer
 
 from edgephi.config import ConfigError, Settings
 from edgephi.grpc_door import reflection
-from edgephi.grpc_door.interceptors import BearerTokenInterceptor, DecodeGuardInterceptor
+from edgephi.grpc_door.interceptors import BearerTokenInterceptor, HandlerGuardInterceptor
 from edgephi.grpc_door.servicer import InferenceServicer
 from edgephi.security import TlsMaterial
 from edgephi.service import GenerationService
@@ -81,8 +81,8 @@ async def build_server(
     """
     settings = service.state.settings
     # Auth first: an unauthenticated caller learns nothing, not even whether its bytes parse.
-    interceptors: list[Any] = [BearerTokenInterceptor(token)] if token else []
-    interceptors.append(DecodeGuardInterceptor())
+    interceptors: list[Any] = [BearerTokenInterceptor(token, service.state.metrics)] if token else []
+    interceptors.append(HandlerGuardInterceptor())
     server = grpc.aio.server(interceptors=interceptors, options=channel_options(settings))
     inference_pb2_grpc.add_InferenceServiceServicer_to_server(
         InferenceServicer(service, settings.stream_write_timeout_s), server

@@ -201,3 +201,35 @@ def test_group_readable_token_file_is_refused(tmp_path: Path) -> None:
     )
     assert proc.returncode == ExitCode.CONFIG
     assert "chmod 600" in proc.stderr and TOKEN not in proc.stderr
+
+
+def test_auth_failures_are_counted_and_logged_and_two_headers_refused(
+    secure_daemon: Daemon, pki: dict[str, str]
+) -> None:
+    """Every refused authentication shows in /metrics by reason and in the log (never the token); a call with two
+    ``authorization`` headers is refused even when one of them is right."""
+    right = ("authorization", f"Bearer {TOKEN}")
+    wrong = ("authorization", "Bearer wrong-token-0123456789abcdef")
+    before = secure_daemon.metrics()
+    with _client(secure_daemon, pki, token=None) as c:
+        for metadata, details in [
+            ([right, wrong], "more than one authorization header; send exactly one"),
+            ([wrong, right], "more than one authorization header; send exactly one"),
+            ([right, right], "more than one authorization header; send exactly one"),
+            ([wrong], "invalid bearer token"),
+            ([], "missing bearer token"),
+        ]:
+            with pytest.raises(grpc.RpcError) as err:
+                c.stub.CountTokens(pb.CountTokensRequest(text="hi"), timeout=10, metadata=metadata)
+            assert (err.value.code(), err.value.details()) == (grpc.StatusCode.UNAUTHENTICATED, details)
+        assert c.stub.CountTokens(pb.CountTokensRequest(text="hi"), timeout=10, metadata=[right]).token_count > 0
+    after = secure_daemon.metrics()
+
+    def counted(reason: str) -> float:
+        key = f'edgephi_auth_failures_total{{reason="{reason}"}}'
+        return after[key] - before[key]
+
+    assert {r: counted(r) for r in ("missing", "invalid", "duplicate")} == {"missing": 1, "invalid": 1, "duplicate": 3}
+    log = secure_daemon.log()
+    assert "authentication failed (" in log  # the first failure of an interval is logged (rate-limited after)
+    assert TOKEN not in log and "wrong-token" not in log
