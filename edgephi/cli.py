@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from edgephi.config import ConfigError, load_settings
+from edgephi.devmodel import build_dev_artifact
 from edgephi.exit_codes import ExitCode
 
 
@@ -135,17 +136,6 @@ def _serve(args: argparse.Namespace) -> int:
     # Collect the engine client now, while modules are intact (vLLM's AsyncLLM.__del__ fails at teardown).
     gc.collect()
     return code
-
-
-def build_dev_artifact(cache_dir: Path | None = None, iters: int = 32) -> tuple[Path, Path]:
-    """Build (or reuse) the tiny Phi-4 stand-in and its W4A16 g128 auto-round artifact: ``(bf16, w4a16)``."""
-    from edgephi import devmodel, quantize
-
-    bf16 = devmodel.build(cache_dir)
-    out = bf16.parent / f"{bf16.name}-w4a16-g128-it{iters}"
-    if not out.is_dir():
-        quantize.quantize(bf16, out, iters=iters, nsamples=32, seqlen=256, batch_size=4)
-    return bf16, out
 
 
 def _devmodel(args: argparse.Namespace) -> int:

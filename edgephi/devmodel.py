@@ -20,11 +20,9 @@ library, library versions and CPU thread count. Builds are cached by a digest of
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -33,12 +31,14 @@ import os
 import random
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from edgephi.artifacts.autoround import AutoRoundParams
+from edgephi.artifacts.corpus import stdlib_documents
 
 __all__ = [
     "BOS_TOKEN",
@@ -52,11 +52,13 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TinySpec",
     "build",
+    "build_dev_artifact",
     "default_cache_root",
+    "describe",
+    "dev_artifact_params",
     "format_chat",
     "heldout_perplexity",
     "spec_digest",
-    "stdlib_documents",
     "weights_digest",
 ]
 
@@ -91,21 +93,6 @@ CHAT_TEMPLATE = (
 )
 
 _QUANT_ALIGN = 128  # every linear width is a multiple of this (group-128 quantization)
-_STDLIB_SKIP_DIRS = frozenset(
-    {
-        "site-packages",
-        "dist-packages",
-        "test",
-        "tests",
-        "idle_test",
-        "__pycache__",
-        "turtledemo",
-        "lib2to3",
-        "ensurepip",
-    }
-)
-_HELDOUT_EVERY = 20  # every 20th stdlib document is held out of tokenizer and model training
-_MIN_DOC_CHARS = 40
 _METADATA_FILE = "edgephi_devmodel.json"
 
 
@@ -213,67 +200,7 @@ def weights_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------- corpus
-
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-@functools.lru_cache(maxsize=1)
-def _all_docstrings() -> tuple[str, ...]:
-    return tuple(_iter_docstrings())
-
-
-def _iter_docstrings() -> Iterator[str]:
-    for path in _stdlib_files():
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                doc = ast.get_docstring(node, clean=True)
-                if doc and len(doc.strip()) >= _MIN_DOC_CHARS:
-                    yield doc.strip()
-
-
-def stdlib_documents(split: str = "train", max_chars: int = 2_000_000) -> list[str]:
-    """Docstrings of the running Python's standard library, in a fixed order (deterministic).
-
-    Files under ``sysconfig.get_paths()['stdlib']`` are parsed with :mod:`ast` in sorted path order (tests,
-    ``site-packages`` and a few demo packages skipped); module, class and function docstrings of at least 40
-    characters are kept. Every 20th document is held out (minus those whose text also occurs in the rest).
-
-    Args:
-        split: ``"train"`` (19 of every 20 documents), ``"heldout"`` (the others, less any duplicated in
-            ``"train"``) or ``"all"``.
-        max_chars: stop once the documents read (all splits together) reach this many characters.
-
-    Returns:
-        The documents of ``split``, each a stripped docstring.
-
-    Raises:
-        ValueError: unknown ``split``.
-    """
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all', not {split!r}")
-    docs: list[str] = []
-    total = 0
-    for doc in _all_docstrings():
-        if total >= max_chars:
-            break
-        total += len(doc)
-        docs.append(doc)
-    if split == "all":
-        return docs
-    train = [d for i, d in enumerate(docs) if i % _HELDOUT_EVERY != _HELDOUT_EVERY - 1]
-    if split == "train":
-        return train
-    seen = set(train)  # the stdlib repeats some docstrings verbatim: keep held-out text truly unseen
-    return [d for i, d in enumerate(docs) if i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1 and d not in seen]
+# ----------------------------------------------------------------------------------------------- chat text
 
 
 def format_chat(user: str, assistant: str, system: str | None = None) -> str:
@@ -618,12 +545,84 @@ def build(cache_root: Path | None = None, spec: TinySpec = TinySpec()) -> Path:
     return final
 
 
+# ------------------------------------------------------------------------------------- the 4-bit dev artifact
+
+
+def dev_artifact_params(iters: int = 32) -> AutoRoundParams:
+    """The auto-round knobs of the dev artifact: W4A16 g128 symmetric, GPTQ export, ``iters`` SignRound
+    iterations over 32 samples of 256 tokens (about a minute on 2 CPU cores; production uses 256 x 128 x 2048)."""
+    return AutoRoundParams(iters=iters, nsamples=32, seqlen=256, batch_size=4, low_gpu_mem_usage=False)
+
+
+def build_dev_artifact(cache_dir: Path | None = None, iters: int = 32) -> tuple[Path, Path]:
+    """Build (or reuse) the tiny Phi-4 stand-in and its W4A16 g128 auto-round artifact: ``(bf16, w4a16)``.
+
+    Tests, demos and benchmarks serve the second. Both are cached under ``cache_dir`` (default
+    :func:`default_cache_root`): the bf16 checkpoint as :func:`build` names it, the artifact beside it as
+    ``<bf16 name>-w4a16-g128-it<iters>``, quantized with :func:`dev_artifact_params` (``iters``) and calibrated
+    on the local corpus. Concurrent builders serialize on a lock file; a finished artifact is returned at once.
+
+    Raises:
+        OSError: the cache cannot be written.
+        ValueError: ``iters`` < 0.
+    """
+    from edgephi.artifacts.autoround import quantize
+
+    params = dev_artifact_params(iters)
+    bf16 = build(cache_dir)
+    out = bf16.parent / f"{bf16.name}-w4a16-g{params.group_size}-it{iters}"
+    if out.is_dir():
+        return bf16, out
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_dir():  # another process may have finished it while we waited
+            quantize(bf16, out, params)
+    return bf16, out
+
+
+def describe(model_dir: Path) -> str:
+    """One line saying what the stand-in in ``model_dir`` is (for demos): size, architecture, training, and that
+    it is not Phi-4. ``model_dir`` is a checkpoint :func:`build` made, or an artifact quantized from one.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is neither (no ``edgephi_devmodel.json`` there or in its source).
+    """
+    model_dir = Path(model_dir)
+    quantized = ""
+    if not (model_dir / _METADATA_FILE).is_file():
+        from edgephi.artifacts.autoround import read_metadata
+
+        qmeta = read_metadata(model_dir)
+        if not qmeta.get("source"):
+            raise FileNotFoundError(f"{model_dir}: no {_METADATA_FILE} (not a tiny Phi-4 stand-in)")
+        quantized = (
+            f", served here quantized to W{qmeta.get('bits', 4)}A16 g{qmeta.get('group_size', 128)} by auto-round "
+            f"({qmeta.get('iters', '?')} iterations)"
+        )
+        model_dir = Path(str(qmeta["source"]))
+        if not (model_dir / _METADATA_FILE).is_file():
+            raise FileNotFoundError(f"{model_dir}: no {_METADATA_FILE} (not a tiny Phi-4 stand-in)")
+    meta = json.loads((model_dir / _METADATA_FILE).read_text(encoding="utf-8"))
+    return (
+        f"{model_dir.name} is a stand-in, not Phi-4: a {meta['parameters'] / 1e6:.1f}M-parameter Phi3ForCausalLM "
+        f"(Phi-4's architecture and tokenizer conventions), randomly initialised and trained for "
+        f"{meta['train_seconds']:.0f} s on {meta['train_threads']} CPU threads on {meta['train_tokens'] / 1000:.0f}k "
+        f"tokens of Python standard-library docstrings{quantized}: it writes docstring-like English, it does not "
+        f"follow instructions"
+    )
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny Phi-4 stand-in checkpoint and print its path.")
     parser.add_argument("--cache-root", type=Path, default=None)
+    parser.add_argument("--describe", type=Path, metavar="MODEL_DIR",
+                        help="print one line saying what the stand-in (or its artifact) in MODEL_DIR is")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.describe is not None:
+        print(describe(args.describe))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(build(args.cache_root))
     return 0

@@ -40,7 +40,7 @@ def _add_gate(p: argparse.ArgumentParser) -> None:
 
 
 def _profiles_epilog() -> str:
-    from edgephi.artifacts.build import PROFILES
+    from edgephi.artifacts.autoround import PROFILES
 
     lines = ["profiles (explicit knobs override them):"]
     for name, p in PROFILES.items():
@@ -53,7 +53,7 @@ def _profiles_epilog() -> str:
 
 def add_parsers(sub: Any) -> None:
     """Register the artifact subcommands on ``edgephi``'s subparsers."""
-    from edgephi.artifacts.build import EXPORT_FORMATS, PROFILES
+    from edgephi.artifacts.autoround import EXPORT_FORMATS, PROFILES
 
     q = sub.add_parser("quantize", help="quantize a 16-bit checkpoint (auto-round W4A16) into the store, gated",
                        epilog=_profiles_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -165,7 +165,8 @@ def _offline() -> None:
 
 def _quantize(args: argparse.Namespace, store: Any) -> int:
     from edgephi.artifacts import gate
-    from edgephi.artifacts.build import GateFailed, QuantParams, Refused, quantize_to_store
+    from edgephi.artifacts.autoround import AutoRoundParams as QuantParams
+    from edgephi.artifacts.build import GateFailed, Refused, quantize_to_store
     from edgephi.artifacts.fetch import FetchError, hub_snapshot, parse_source
 
     params = QuantParams.from_profile(
@@ -277,7 +278,7 @@ def _verify(args: argparse.Namespace, store: Any) -> int:
         print(f"{path.resolve()}: {len(data['files'])} files match manifest.json ({out['digest']})")
     code = 0
     if args.reference is not None:
-        from edgephi.quantize import load_calibration_files
+        from edgephi.artifacts.corpus import load_calibration_files
 
         exclude = load_calibration_files(args.calibration) if args.calibration else []
         try:
