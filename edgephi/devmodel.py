@@ -12,10 +12,17 @@ Phi-4 uses) that keeps everything about Phi-4 the serving stack can notice:
   ``<|dummy_85|>``), Phi-4's chat template and Phi-4's end-of-turn conventions (``eos_token`` is ``<|im_end|>``;
   ``generation_config.json`` stops on ``<|im_end|>`` and ``<|endoftext|>``).
 
-The training text is the docstrings of the running Python's standard library (present on every machine, read
-with :mod:`ast`, never imported), partly wrapped as Phi-4 chat turns so the model learns to close a turn with
-``<|im_end|>``. Training is seeded and single-process; the result is deterministic for a given Python standard
-library, library versions and CPU thread count. Builds are cached by a digest of the spec (see :func:`build`).
+The training text is the prose of the train split of the running Python's standard-library docstrings
+(:mod:`edgephi.artifacts.corpus`, which also gives auto-round its calibration text and the quality gate its
+held-out text; this module imports it, never the reverse): doctest examples, code and tables dropped, wrapped
+lines joined (:func:`prose`), half of the documents wrapped as Phi-4 chat turns (summary → rest) so the model
+learns to close a turn with ``<|im_end|>``. About two minutes of training on 2 CPU cores buys docstring-like
+English (``Return the number of …``), not answers: prompt it with docstring openings. Training is seeded and
+single-process; the result is deterministic for a given Python standard library, library versions and CPU
+thread count. Builds are cached by a digest of the spec (see :func:`build`).
+
+:func:`build_dev_artifact` adds the stand-in's W4A16 auto-round artifact (what tests, demos and benchmarks
+serve); :func:`describe` says in one line what the stand-in is.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -58,14 +66,16 @@ __all__ = [
     "dev_artifact_params",
     "format_chat",
     "heldout_perplexity",
+    "prose",
     "spec_digest",
+    "training_documents",
     "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the build procedure changes in a way that changes the output (invalidates caches).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 2
 
 #: Phi-4's special tokens. ``<|endoftext|>`` is BOS and the document separator, ``<|im_end|>`` ends a turn.
 BOS_TOKEN = "<|endoftext|>"
@@ -122,7 +132,10 @@ class TinySpec:
         learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10 %).
         warmup_steps: warm-up steps.
         weight_decay: AdamW weight decay.
-        chat_fraction: fraction (0..1) of multi-line documents wrapped as a Phi-4 user/assistant exchange.
+        chat_fraction: fraction (0..1) of multi-paragraph documents wrapped as a Phi-4 user/assistant exchange
+            (the summary paragraph as the user turn, the rest as the assistant's).
+        prose_only: train (tokenizer and model) on :func:`prose` of each docstring rather than its raw text: with
+            this little training, text that is all English sentences is what makes replies read as text.
         corpus_max_chars: cap on the standard-library text read, in characters.
         seed: seeds the corpus shuffle, the weight init and the batches.
     """
@@ -144,6 +157,7 @@ class TinySpec:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     chat_fraction: float = 0.5
+    prose_only: bool = True
     corpus_max_chars: int = 2_000_000
     seed: int = 1234
 
@@ -211,12 +225,52 @@ def format_chat(user: str, assistant: str, system: str | None = None) -> str:
     return "".join(parts)
 
 
+_DOCTEST_LINE = re.compile(r"^\s*(>>>|\.\.\.)(\s|$)")
+_STRUCTURED_LINE = re.compile(r"^(\s|[-*+] |\d+[.)] |\w[\w ]{0,30}:\s*$)")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+#: A paragraph whose characters are less than this fraction letters and spaces is code or a table, not prose.
+_MIN_PROSE_LETTERS = 0.85
+
+
+def prose(doc: str) -> str:
+    """The English prose of one docstring: what the stand-in trains on (with ``TinySpec.prose_only``).
+
+    Paragraphs (separated by blank lines) holding a doctest line (``>>>``/``...``), and paragraphs that are less
+    than 85 % letters and spaces (code, tables, numbers), are dropped; a paragraph of plain wrapped lines is
+    joined onto one line (docstrings wrap at ~72 columns, and a model this small would otherwise spend its few
+    steps on where the line breaks fall); lists, headed sections and indented blocks keep their lines.
+
+    Returns:
+        The kept paragraphs separated by blank lines; ``""`` when nothing is left.
+    """
+    kept = []
+    for para in _PARAGRAPH_BREAK.split(doc):
+        lines = [line.rstrip() for line in para.splitlines() if line.strip()]
+        if not lines or any(_DOCTEST_LINE.match(line) for line in lines):
+            continue
+        joined = " ".join(line.strip() for line in lines)
+        if sum(c.isalpha() or c == " " for c in joined) < _MIN_PROSE_LETTERS * len(joined):
+            continue
+        structured = any(_STRUCTURED_LINE.match(line) for line in lines)
+        kept.append("\n".join(lines) if structured else joined)
+    return "\n\n".join(kept)
+
+
+def training_documents(split: str, spec: TinySpec) -> list[str]:
+    """The documents of ``split`` as ``spec`` trains on them: the corpus's docstrings, or their :func:`prose`
+    (documents left shorter than 40 characters dropped). Raises ValueError for an unknown split."""
+    docs = stdlib_documents(split, spec.corpus_max_chars)
+    if not spec.prose_only:
+        return docs
+    return [text for text in map(prose, docs) if len(text) >= 40]
+
+
 def _training_samples(docs: Sequence[str], spec: TinySpec) -> list[str]:
-    """Plain documents and Phi-4 chat exchanges (first docstring line as the user turn), shuffled."""
+    """Plain documents and Phi-4 chat exchanges (the summary paragraph as the user turn), shuffled."""
     rng = random.Random(spec.seed)
     samples = []
     for doc in docs:
-        first, _, rest = doc.partition("\n")
+        first, _, rest = doc.partition("\n\n" if spec.prose_only else "\n")
         rest = rest.strip()
         if rest and rng.random() < spec.chat_fraction:
             samples.append(format_chat(first.strip(), rest))
@@ -412,7 +466,8 @@ def _perplexity(model: Any, token_ids: Sequence[int], seq_len: int) -> float:
 
 
 def heldout_perplexity(model_dir: Path, max_tokens: int = 8192, seq_len: int = 128) -> float:
-    """Perplexity (per token, >= 1) of the bf16 checkpoint in ``model_dir`` on held-out stdlib docstrings.
+    """Perplexity (per token, >= 1) of the bf16 checkpoint in ``model_dir`` on held-out stdlib docstrings, in the
+    form it was trained on (their :func:`prose` when its spec says ``prose_only``).
 
     Uses transformers on CPU (float32 compute). ``max_tokens`` caps the text scored (the held-out documents,
     each followed by ``<|endoftext|>``), scored in consecutive windows of ``seq_len`` tokens; the defaults are
@@ -427,7 +482,10 @@ def heldout_perplexity(model_dir: Path, max_tokens: int = 8192, seq_len: int = 1
     # native bf16 (AVX2)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    ids = _token_stream(stdlib_documents("heldout"), tok.backend_tokenizer)[:max_tokens]
+    meta_path = Path(model_dir) / _METADATA_FILE
+    recorded = json.loads(meta_path.read_text(encoding="utf-8"))["spec"] if meta_path.is_file() else {}
+    spec = TinySpec(prose_only=bool(recorded.get("prose_only", False)))
+    ids = _token_stream(training_documents("heldout", spec), tok.backend_tokenizer)[:max_tokens]
     return _perplexity(model, ids, seq_len)
 
 
@@ -438,8 +496,8 @@ def _build_into(out_dir: Path, spec: TinySpec) -> dict[str, Any]:
     import torch
 
     t_start = time.monotonic()
-    train_docs = stdlib_documents("train", spec.corpus_max_chars)
-    heldout_docs = stdlib_documents("heldout", spec.corpus_max_chars)
+    train_docs = training_documents("train", spec)
+    heldout_docs = training_documents("heldout", spec)
     logger.info(
         "tiny-phi3 corpus: %d train documents (%d chars), %d held out",
         len(train_docs),
