@@ -10,6 +10,7 @@ import pytest
 
 from edgephi import devmodel
 from edgephi.artifacts.autoround import METADATA_FILE, AutoRoundParams
+from edgephi.artifacts.corpus import stdlib_documents
 from edgephi.devmodel import TinySpec
 
 
@@ -78,3 +79,29 @@ def test_describe_refuses_other_models(tmp_path: Path) -> None:
     (tmp_path / METADATA_FILE).write_text(json.dumps({"source": str(tmp_path / "phi-4")}))
     with pytest.raises(FileNotFoundError, match="not a tiny Phi-4 stand-in"):
         devmodel.describe(tmp_path)
+
+
+def test_prose_keeps_sentences_and_drops_examples_code_and_tables() -> None:
+    doc = (
+        "Return the number of items.\n\n"
+        "The count includes items that were\nadded after the last call.\n\n"
+        ">>> count([1, 2])\n2\n\n"
+        "x = {'a': [1, 2], 'b': (3, 4)}; y = f(x)[0]\n\n"
+        "Args:\n    items: the items to count.\n\n"
+        "- first\n- second"
+    )
+    assert devmodel.prose(doc) == (
+        "Return the number of items.\n\n"
+        "The count includes items that were added after the last call.\n\n"  # wrapped lines joined
+        "Args:\n    items: the items to count.\n\n"  # a headed section keeps its lines
+        "- first\n- second"
+    )
+    assert devmodel.prose(">>> f()\n1") == ""
+
+
+def test_training_documents_follow_the_spec() -> None:
+    raw = devmodel.training_documents("heldout", TinySpec(prose_only=False))
+    assert raw == stdlib_documents("heldout")
+    text = devmodel.training_documents("heldout", TinySpec())
+    assert text and all(len(t) >= 40 and ">>>" not in t for t in text)
+    assert len(text) <= len(raw)
