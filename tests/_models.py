@@ -75,6 +75,7 @@ _VLLM_SCRIPT = textwrap.dedent(
             SamplingParams(
                 temperature=0.0,
                 max_tokens=r.get("max_tokens", 24),
+                ignore_eos=r.get("ignore_eos", False),
                 structured_outputs=StructuredOutputsParams(choice=r["choice"]) if r.get("choice") else None,
             )
             for r in requests
@@ -103,8 +104,9 @@ _VLLM_SCRIPT = textwrap.dedent(
 def vllm_generate(model_dir: Path, requests: list[dict[str, Any]], timeout: float = 900) -> dict[str, Any]:
     """Load ``model_dir`` in vLLM (CPU, bf16, eager) in a fresh subprocess and run greedy ``requests``.
 
-    Each request is ``{"prompt": str, "max_tokens": int (default 24), "choice": [str, ...] (optional,
-    constrains the output to one of these strings through vLLM's structured outputs)}``.
+    Each request is ``{"prompt": str, "max_tokens": int (default 24), "ignore_eos": bool (default False: stop at
+    the end-of-sequence tokens), "choice": [str, ...] (optional, constrains the output to one of these strings
+    through vLLM's structured outputs)}``.
     Returns ``texts``, ``token_ids``, ``finish_reasons`` (one per request), ``load_seconds``,
     ``generate_seconds`` and peak RSS figures in MiB. Raises AssertionError with vLLM's output tail on failure.
     """

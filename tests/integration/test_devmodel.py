@@ -203,7 +203,10 @@ def test_vllm_serves_it_and_detokenizes_non_ascii(model_dir: Path, tokenizer: An
     # UTF-8 characters): vLLM's incremental detokenizer must reassemble the exact string.
     result = vllm_generate(
         model_dir,
-        [{"prompt": "Return the number of"}, {"prompt": "Say it:", "choice": [NON_ASCII], "max_tokens": 48}],
+        [
+            {"prompt": "Return the number of", "ignore_eos": True},
+            {"prompt": "Say it:", "choice": [NON_ASCII], "max_tokens": 48},
+        ],
     )
     assert result["texts"][1] == NON_ASCII
     assert result["finish_reasons"][1] == "stop"

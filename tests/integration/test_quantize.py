@@ -119,7 +119,9 @@ def _serve_and_check(qdir: Path) -> dict[str, Any]:
         tokenize=False,
         add_generation_prompt=True,
     )
-    result = vllm_generate(qdir, [{"prompt": "Return the number of"}, {"prompt": chat, "max_tokens": 64}])
+    result = vllm_generate(
+        qdir, [{"prompt": "Return the number of", "ignore_eos": True}, {"prompt": chat, "max_tokens": 64}]
+    )
     for text, ids in zip(result["texts"], result["token_ids"], strict=True):
         assert ids, result
         assert text.strip(), result
