@@ -661,12 +661,18 @@ def describe(model_dir: Path) -> str:
         if not (model_dir / _METADATA_FILE).is_file():
             raise FileNotFoundError(f"{model_dir}: no {_METADATA_FILE} (not a tiny Phi-4 stand-in)")
     meta = json.loads((model_dir / _METADATA_FILE).read_text(encoding="utf-8"))
+    spec = meta.get("spec", {})
+    text = (
+        "the prose of Python standard-library docstrings"
+        if spec.get("prose_only")
+        else ("Python standard-library docstrings")
+    )
     return (
         f"{model_dir.name} is a stand-in, not Phi-4: a {meta['parameters'] / 1e6:.1f}M-parameter Phi3ForCausalLM "
         f"(Phi-4's architecture and tokenizer conventions), randomly initialised and trained for "
-        f"{meta['train_seconds']:.0f} s on {meta['train_threads']} CPU threads on {meta['train_tokens'] / 1000:.0f}k "
-        f"tokens of Python standard-library docstrings{quantized}: it writes docstring-like English, it does not "
-        f"follow instructions"
+        f"{spec.get('train_steps', '?')} steps ({meta['train_tokens'] / 1000:.0f}k tokens, "
+        f"{meta['train_seconds']:.0f} s on {meta['train_threads']} CPU threads) on {text}{quantized}: it writes "
+        f"docstring-like English, it does not follow instructions"
     )
 
 

@@ -53,7 +53,13 @@ def test_dev_artifact_params_are_one_auto_round_parameter_object() -> None:
 def _fake_standin(root: Path) -> Path:
     bf16 = root / "tiny-phi3-0123456789ab"
     bf16.mkdir(parents=True)
-    meta = {"parameters": 13_111_808, "train_seconds": 134.6, "train_threads": 2, "train_tokens": 286_720}
+    meta = {
+        "parameters": 13_111_808,
+        "train_seconds": 134.6,
+        "train_threads": 2,
+        "train_tokens": 286_720,
+        "spec": {"train_steps": 560, "prose_only": True},
+    }
     (bf16 / "edgephi_devmodel.json").write_text(json.dumps(meta))
     return bf16
 
@@ -63,7 +69,8 @@ def test_describe_says_what_the_standin_is(tmp_path: Path) -> None:
     line = devmodel.describe(bf16)
     assert "\n" not in line
     assert line.startswith("tiny-phi3-0123456789ab is a stand-in, not Phi-4: a 13.1M-parameter Phi3ForCausalLM")
-    assert "randomly initialised and trained for 135 s on 2 CPU threads on 287k tokens" in line
+    assert "randomly initialised and trained for 560 steps (287k tokens, 135 s on 2 CPU threads)" in line
+    assert "on the prose of Python standard-library docstrings" in line
     # an artifact quantized from it is described through its source
     art = tmp_path / "art"
     art.mkdir()
