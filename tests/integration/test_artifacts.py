@@ -201,7 +201,7 @@ def test_unservable_configurations_are_refused_before_any_work(bf16: Path, tmp_p
     for extra, reason in cases:
         argv = ["quantize", "--model", str(bf16), "--name", "x", "--store", str(store), *extra]
         t0 = time.monotonic()
-        assert main(argv) == 2, extra
+        assert main(argv) == ExitCode.REFUSED, extra
         err = capsys.readouterr().err
         assert "refused before starting" in err and reason in err, (extra, err)
         assert time.monotonic() - t0 < 30
