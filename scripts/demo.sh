@@ -30,7 +30,7 @@ done
 echo "health: $($BIN/edgephi health --port "$PORT")"
 $BIN/edgephi info --port "$PORT"
 
-SAMPLING=(--temperature 0.6 --top-k 30 --seed 1)
+SAMPLING=(--temperature 0.6 --top-k 30 --seed 2)
 echo "== 3/4 streaming replies (${SAMPLING[*]})"
 echo "-- generate: Return the number of"
 $BIN/edgephi generate --port "$PORT" --max-tokens 48 "${SAMPLING[@]}" 'Return the number of'
