@@ -75,7 +75,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the build procedure changes in a way that changes the output (invalidates caches).
-BUILDER_VERSION = 2
+BUILDER_VERSION = 3
 
 #: Phi-4's special tokens. ``<|endoftext|>`` is BOS and the document separator, ``<|im_end|>`` ends a turn.
 BOS_TOKEN = "<|endoftext|>"
@@ -238,7 +238,8 @@ def prose(doc: str) -> str:
     Paragraphs (separated by blank lines) holding a doctest line (``>>>``/``...``), and paragraphs that are less
     than 85 % letters and spaces (code, tables, numbers), are dropped; a paragraph of plain wrapped lines is
     joined onto one line (docstrings wrap at ~72 columns, and a model this small would otherwise spend its few
-    steps on where the line breaks fall); lists, headed sections and indented blocks keep their lines.
+    steps on where the line breaks fall); lists, headed sections and indented blocks keep their lines, without
+    their indentation (runs of spaces are what a model this small falls into and repeats).
 
     Returns:
         The kept paragraphs separated by blank lines; ``""`` when nothing is left.
@@ -252,7 +253,7 @@ def prose(doc: str) -> str:
         if sum(c.isalpha() or c == " " for c in joined) < _MIN_PROSE_LETTERS * len(joined):
             continue
         structured = any(_STRUCTURED_LINE.match(line) for line in lines)
-        kept.append("\n".join(lines) if structured else joined)
+        kept.append("\n".join(line.strip() for line in lines) if structured else joined)
     return "\n\n".join(kept)
 
 

@@ -100,7 +100,7 @@ def test_prose_keeps_sentences_and_drops_examples_code_and_tables() -> None:
     assert devmodel.prose(doc) == (
         "Return the number of items.\n\n"
         "The count includes items that were added after the last call.\n\n"  # wrapped lines joined
-        "Args:\n    items: the items to count.\n\n"  # a headed section keeps its lines
+        "Args:\nitems: the items to count.\n\n"  # a headed section keeps its lines, not their indentation
         "- first\n- second"
     )
     assert devmodel.prose(">>> f()\n1") == ""
