@@ -47,7 +47,7 @@ def dev_models(retries: int, wait_s: float) -> tuple[Path, Path]:
     """(bf16, W4A16) dev models; waits (bounded) while edgephi.devmodel/quantize are not importable yet."""
     for attempt in range(retries + 1):
         try:
-            from edgephi.cli import build_dev_artifact
+            from edgephi.devmodel import build_dev_artifact
 
             return build_dev_artifact(REPO / ".cache")
         except ImportError as exc:

@@ -1,11 +1,11 @@
 """A synthetic 4-bit checkpoint with Microsoft Phi-4's exact shapes, in the artifact format edgephi serves.
 
 Adapted from the shared reference tool ``shared/device/make_phi4_shape.py`` (same packing and scale recipe), but
-written as the project's own code so that the checkpoint matches what ``edgephi.quantize`` produces: auto-round's
-``auto_gptq`` export (GPTQ v1 packing: ``qweight`` int32 ``[in/8, out]``, ``qzeros`` int32 ``[in/128, out/8]``
-holding zero-point 8 stored as 7, ``scales`` fp16 ``[in/128, out]``, ``g_idx``), symmetric, group 128,
-``lm_head`` and embeddings left in bf16, with the ``quantization_config`` block copied from a real edgephi
-artifact when one is given (else the one auto-round 0.16 writes for ``auto_gptq``), the tokenizer files and
+written as the project's own code so that the checkpoint matches what ``edgephi.artifacts.autoround`` produces:
+auto-round's ``auto_gptq`` export (GPTQ v1 packing: ``qweight`` int32 ``[in/8, out]``, ``qzeros`` int32 ``[in/128,
+out/8]`` holding zero-point 8 stored as 7, ``scales`` fp16 ``[in/128, out]``, ``g_idx``), symmetric, group 128,
+``lm_head`` and embeddings left in bf16, with the ``quantization_config`` block copied from a real edgephi artifact
+when one is given (else the one auto-round 0.16 writes for ``auto_gptq``), the tokenizer files and
 ``generation_config.json`` beside the weights, and an ``edgephi_quantize.json`` that says it is synthetic.
 
 Weights are random (nibbles uniform in 1..15 so ``q - 8`` is zero-mean; scales chosen so each linear is roughly

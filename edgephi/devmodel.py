@@ -12,33 +12,41 @@ Phi-4 uses) that keeps everything about Phi-4 the serving stack can notice:
   ``<|dummy_85|>``), Phi-4's chat template and Phi-4's end-of-turn conventions (``eos_token`` is ``<|im_end|>``;
   ``generation_config.json`` stops on ``<|im_end|>`` and ``<|endoftext|>``).
 
-The training text is the docstrings of the running Python's standard library (present on every machine, read
-with :mod:`ast`, never imported), partly wrapped as Phi-4 chat turns so the model learns to close a turn with
-``<|im_end|>``. Training is seeded and single-process; the result is deterministic for a given Python standard
-library, library versions and CPU thread count. Builds are cached by a digest of the spec (see :func:`build`).
+The training text is the prose of the train split of the running Python's standard-library docstrings
+(:mod:`edgephi.artifacts.corpus`, which also gives auto-round its calibration text and the quality gate its
+held-out text; this module imports it, never the reverse): doctest examples, code and tables dropped, wrapped
+lines joined (:func:`prose`), half of the documents wrapped as Phi-4 chat turns (summary → rest) so the model
+learns to close a turn with ``<|im_end|>``. About two minutes of training on 2 CPU cores buys docstring-like
+English (``Return the number of …``), not answers: prompt it with docstring openings. Training is seeded and
+single-process; the result is deterministic for a given Python standard library, library versions and CPU
+thread count. Builds are cached by a digest of the spec (see :func:`build`).
+
+:func:`build_dev_artifact` adds the stand-in's W4A16 auto-round artifact (what tests, demos and benchmarks
+serve); :func:`describe` says in one line what the stand-in is.
 """
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
-import sysconfig
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from edgephi.artifacts.autoround import AutoRoundParams
+from edgephi.artifacts.corpus import stdlib_documents
 
 __all__ = [
     "BOS_TOKEN",
@@ -52,18 +60,22 @@ __all__ = [
     "SPECIAL_TOKENS",
     "TinySpec",
     "build",
+    "build_dev_artifact",
     "default_cache_root",
+    "describe",
+    "dev_artifact_params",
     "format_chat",
     "heldout_perplexity",
+    "prose",
     "spec_digest",
-    "stdlib_documents",
+    "training_documents",
     "weights_digest",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Bump whenever the build procedure changes in a way that changes the output (invalidates caches).
-BUILDER_VERSION = 1
+BUILDER_VERSION = 3
 
 #: Phi-4's special tokens. ``<|endoftext|>`` is BOS and the document separator, ``<|im_end|>`` ends a turn.
 BOS_TOKEN = "<|endoftext|>"
@@ -91,21 +103,6 @@ CHAT_TEMPLATE = (
 )
 
 _QUANT_ALIGN = 128  # every linear width is a multiple of this (group-128 quantization)
-_STDLIB_SKIP_DIRS = frozenset(
-    {
-        "site-packages",
-        "dist-packages",
-        "test",
-        "tests",
-        "idle_test",
-        "__pycache__",
-        "turtledemo",
-        "lib2to3",
-        "ensurepip",
-    }
-)
-_HELDOUT_EVERY = 20  # every 20th stdlib document is held out of tokenizer and model training
-_MIN_DOC_CHARS = 40
 _METADATA_FILE = "edgephi_devmodel.json"
 
 
@@ -135,7 +132,10 @@ class TinySpec:
         learning_rate: peak AdamW learning rate (linear warm-up, cosine decay to 10 %).
         warmup_steps: warm-up steps.
         weight_decay: AdamW weight decay.
-        chat_fraction: fraction (0..1) of multi-line documents wrapped as a Phi-4 user/assistant exchange.
+        chat_fraction: fraction (0..1) of multi-paragraph documents wrapped as a Phi-4 user/assistant exchange
+            (the summary paragraph as the user turn, the rest as the assistant's).
+        prose_only: train (tokenizer and model) on :func:`prose` of each docstring rather than its raw text: with
+            this little training, text that is all English sentences is what makes replies read as text.
         corpus_max_chars: cap on the standard-library text read, in characters.
         seed: seeds the corpus shuffle, the weight init and the batches.
     """
@@ -157,6 +157,7 @@ class TinySpec:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     chat_fraction: float = 0.5
+    prose_only: bool = True
     corpus_max_chars: int = 2_000_000
     seed: int = 1234
 
@@ -213,67 +214,7 @@ def weights_digest(model_dir: Path) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------------------------------- corpus
-
-
-def _stdlib_files() -> list[Path]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not _STDLIB_SKIP_DIRS.intersection(p.relative_to(root).parts[:-1])]
-    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
-
-
-@functools.lru_cache(maxsize=1)
-def _all_docstrings() -> tuple[str, ...]:
-    return tuple(_iter_docstrings())
-
-
-def _iter_docstrings() -> Iterator[str]:
-    for path in _stdlib_files():
-        try:
-            tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
-        except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef):
-                doc = ast.get_docstring(node, clean=True)
-                if doc and len(doc.strip()) >= _MIN_DOC_CHARS:
-                    yield doc.strip()
-
-
-def stdlib_documents(split: str = "train", max_chars: int = 2_000_000) -> list[str]:
-    """Docstrings of the running Python's standard library, in a fixed order (deterministic).
-
-    Files under ``sysconfig.get_paths()['stdlib']`` are parsed with :mod:`ast` in sorted path order (tests,
-    ``site-packages`` and a few demo packages skipped); module, class and function docstrings of at least 40
-    characters are kept. Every 20th document is held out (minus those whose text also occurs in the rest).
-
-    Args:
-        split: ``"train"`` (19 of every 20 documents), ``"heldout"`` (the others, less any duplicated in
-            ``"train"``) or ``"all"``.
-        max_chars: stop once the documents read (all splits together) reach this many characters.
-
-    Returns:
-        The documents of ``split``, each a stripped docstring.
-
-    Raises:
-        ValueError: unknown ``split``.
-    """
-    if split not in ("train", "heldout", "all"):
-        raise ValueError(f"split must be 'train', 'heldout' or 'all', not {split!r}")
-    docs: list[str] = []
-    total = 0
-    for doc in _all_docstrings():
-        if total >= max_chars:
-            break
-        total += len(doc)
-        docs.append(doc)
-    if split == "all":
-        return docs
-    train = [d for i, d in enumerate(docs) if i % _HELDOUT_EVERY != _HELDOUT_EVERY - 1]
-    if split == "train":
-        return train
-    seen = set(train)  # the stdlib repeats some docstrings verbatim: keep held-out text truly unseen
-    return [d for i, d in enumerate(docs) if i % _HELDOUT_EVERY == _HELDOUT_EVERY - 1 and d not in seen]
+# ----------------------------------------------------------------------------------------------- chat text
 
 
 def format_chat(user: str, assistant: str, system: str | None = None) -> str:
@@ -284,12 +225,53 @@ def format_chat(user: str, assistant: str, system: str | None = None) -> str:
     return "".join(parts)
 
 
+_DOCTEST_LINE = re.compile(r"^\s*(>>>|\.\.\.)(\s|$)")
+_STRUCTURED_LINE = re.compile(r"^(\s|[-*+] |\d+[.)] |\w[\w ]{0,30}:\s*$)")
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+#: A paragraph whose characters are less than this fraction letters and spaces is code or a table, not prose.
+_MIN_PROSE_LETTERS = 0.85
+
+
+def prose(doc: str) -> str:
+    """The English prose of one docstring: what the stand-in trains on (with ``TinySpec.prose_only``).
+
+    Paragraphs (separated by blank lines) holding a doctest line (``>>>``/``...``), and paragraphs that are less
+    than 85 % letters and spaces (code, tables, numbers), are dropped; a paragraph of plain wrapped lines is
+    joined onto one line (docstrings wrap at ~72 columns, and a model this small would otherwise spend its few
+    steps on where the line breaks fall); lists, headed sections and indented blocks keep their lines, without
+    their indentation (runs of spaces are what a model this small falls into and repeats).
+
+    Returns:
+        The kept paragraphs separated by blank lines; ``""`` when nothing is left.
+    """
+    kept = []
+    for para in _PARAGRAPH_BREAK.split(doc):
+        lines = [line.rstrip() for line in para.splitlines() if line.strip()]
+        if not lines or any(_DOCTEST_LINE.match(line) for line in lines):
+            continue
+        joined = " ".join(line.strip() for line in lines)
+        if sum(c.isalpha() or c == " " for c in joined) < _MIN_PROSE_LETTERS * len(joined):
+            continue
+        structured = any(_STRUCTURED_LINE.match(line) for line in lines)
+        kept.append("\n".join(line.strip() for line in lines) if structured else joined)
+    return "\n\n".join(kept)
+
+
+def training_documents(split: str, spec: TinySpec) -> list[str]:
+    """The documents of ``split`` as ``spec`` trains on them: the corpus's docstrings, or their :func:`prose`
+    (documents left shorter than 40 characters dropped). Raises ValueError for an unknown split."""
+    docs = stdlib_documents(split, spec.corpus_max_chars)
+    if not spec.prose_only:
+        return docs
+    return [text for text in map(prose, docs) if len(text) >= 40]
+
+
 def _training_samples(docs: Sequence[str], spec: TinySpec) -> list[str]:
-    """Plain documents and Phi-4 chat exchanges (first docstring line as the user turn), shuffled."""
+    """Plain documents and Phi-4 chat exchanges (the summary paragraph as the user turn), shuffled."""
     rng = random.Random(spec.seed)
     samples = []
     for doc in docs:
-        first, _, rest = doc.partition("\n")
+        first, _, rest = doc.partition("\n\n" if spec.prose_only else "\n")
         rest = rest.strip()
         if rest and rng.random() < spec.chat_fraction:
             samples.append(format_chat(first.strip(), rest))
@@ -485,7 +467,8 @@ def _perplexity(model: Any, token_ids: Sequence[int], seq_len: int) -> float:
 
 
 def heldout_perplexity(model_dir: Path, max_tokens: int = 8192, seq_len: int = 128) -> float:
-    """Perplexity (per token, >= 1) of the bf16 checkpoint in ``model_dir`` on held-out stdlib docstrings.
+    """Perplexity (per token, >= 1) of the bf16 checkpoint in ``model_dir`` on held-out stdlib docstrings, in the
+    form it was trained on (their :func:`prose` when its spec says ``prose_only``).
 
     Uses transformers on CPU (float32 compute). ``max_tokens`` caps the text scored (the held-out documents,
     each followed by ``<|endoftext|>``), scored in consecutive windows of ``seq_len`` tokens; the defaults are
@@ -500,7 +483,10 @@ def heldout_perplexity(model_dir: Path, max_tokens: int = 8192, seq_len: int = 1
     # native bf16 (AVX2)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.eval()
-    ids = _token_stream(stdlib_documents("heldout"), tok.backend_tokenizer)[:max_tokens]
+    meta_path = Path(model_dir) / _METADATA_FILE
+    recorded = json.loads(meta_path.read_text(encoding="utf-8"))["spec"] if meta_path.is_file() else {}
+    spec = TinySpec(prose_only=bool(recorded.get("prose_only", False)))
+    ids = _token_stream(training_documents("heldout", spec), tok.backend_tokenizer)[:max_tokens]
     return _perplexity(model, ids, seq_len)
 
 
@@ -511,8 +497,8 @@ def _build_into(out_dir: Path, spec: TinySpec) -> dict[str, Any]:
     import torch
 
     t_start = time.monotonic()
-    train_docs = stdlib_documents("train", spec.corpus_max_chars)
-    heldout_docs = stdlib_documents("heldout", spec.corpus_max_chars)
+    train_docs = training_documents("train", spec)
+    heldout_docs = training_documents("heldout", spec)
     logger.info(
         "tiny-phi3 corpus: %d train documents (%d chars), %d held out",
         len(train_docs),
@@ -618,12 +604,90 @@ def build(cache_root: Path | None = None, spec: TinySpec = TinySpec()) -> Path:
     return final
 
 
+# ------------------------------------------------------------------------------------- the 4-bit dev artifact
+
+
+def dev_artifact_params(iters: int = 32) -> AutoRoundParams:
+    """The auto-round knobs of the dev artifact: W4A16 g128 symmetric, GPTQ export, ``iters`` SignRound
+    iterations over 32 samples of 256 tokens (about a minute on 2 CPU cores; production uses 256 x 128 x 2048)."""
+    return AutoRoundParams(iters=iters, nsamples=32, seqlen=256, batch_size=4, low_gpu_mem_usage=False)
+
+
+def build_dev_artifact(cache_dir: Path | None = None, iters: int = 32) -> tuple[Path, Path]:
+    """Build (or reuse) the tiny Phi-4 stand-in and its W4A16 g128 auto-round artifact: ``(bf16, w4a16)``.
+
+    Tests, demos and benchmarks serve the second. Both are cached under ``cache_dir`` (default
+    :func:`default_cache_root`): the bf16 checkpoint as :func:`build` names it, the artifact beside it as
+    ``<bf16 name>-w4a16-g128-it<iters>``, quantized with :func:`dev_artifact_params` (``iters``) and calibrated
+    on the local corpus. Concurrent builders serialize on a lock file; a finished artifact is returned at once.
+
+    Raises:
+        OSError: the cache cannot be written.
+        ValueError: ``iters`` < 0.
+    """
+    from edgephi.artifacts.autoround import quantize
+
+    params = dev_artifact_params(iters)
+    bf16 = build(cache_dir)
+    out = bf16.parent / f"{bf16.name}-w4a16-g{params.group_size}-it{iters}"
+    if out.is_dir():
+        return bf16, out
+    with open(out.parent / f".{out.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not out.is_dir():  # another process may have finished it while we waited
+            quantize(bf16, out, params)
+    return bf16, out
+
+
+def describe(model_dir: Path) -> str:
+    """One line saying what the stand-in in ``model_dir`` is (for demos): size, architecture, training, and that
+    it is not Phi-4. ``model_dir`` is a checkpoint :func:`build` made, or an artifact quantized from one.
+
+    Raises:
+        FileNotFoundError: ``model_dir`` is neither (no ``edgephi_devmodel.json`` there or in its source).
+    """
+    model_dir = Path(model_dir)
+    quantized = ""
+    if not (model_dir / _METADATA_FILE).is_file():
+        from edgephi.artifacts.autoround import read_metadata
+
+        qmeta = read_metadata(model_dir)
+        if not qmeta.get("source"):
+            raise FileNotFoundError(f"{model_dir}: no {_METADATA_FILE} (not a tiny Phi-4 stand-in)")
+        quantized = (
+            f", served here quantized to W{qmeta.get('bits', 4)}A16 g{qmeta.get('group_size', 128)} by auto-round "
+            f"({qmeta.get('iters', '?')} iterations)"
+        )
+        model_dir = Path(str(qmeta["source"]))
+        if not (model_dir / _METADATA_FILE).is_file():
+            raise FileNotFoundError(f"{model_dir}: no {_METADATA_FILE} (not a tiny Phi-4 stand-in)")
+    meta = json.loads((model_dir / _METADATA_FILE).read_text(encoding="utf-8"))
+    spec = meta.get("spec", {})
+    text = (
+        "the prose of Python standard-library docstrings"
+        if spec.get("prose_only")
+        else ("Python standard-library docstrings")
+    )
+    return (
+        f"{model_dir.name} is a stand-in, not Phi-4: a {meta['parameters'] / 1e6:.1f}M-parameter Phi3ForCausalLM "
+        f"(Phi-4's architecture and tokenizer conventions), randomly initialised and trained for "
+        f"{spec.get('train_steps', '?')} steps ({meta['train_tokens'] / 1000:.0f}k tokens, "
+        f"{meta['train_seconds']:.0f} s on {meta['train_threads']} CPU threads) on {text}{quantized}: it writes "
+        f"docstring-like English, it does not follow instructions"
+    )
+
+
 def _main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(description="Build the tiny Phi-4 stand-in checkpoint and print its path.")
     parser.add_argument("--cache-root", type=Path, default=None)
+    parser.add_argument("--describe", type=Path, metavar="MODEL_DIR",
+                        help="print one line saying what the stand-in (or its artifact) in MODEL_DIR is")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.describe is not None:
+        print(describe(args.describe))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     print(build(args.cache_root))
     return 0

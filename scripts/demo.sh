@@ -2,6 +2,9 @@
 # The main job on the embedded default, end to end: build the tiny Phi-4 stand-in, quantize it to 4 bits
 # with auto-round (W4A16, group 128, symmetric, GPTQ export), start the daemon, stream replies with the CLI
 # client, stop the daemon (SIGTERM drain). Run through `make demo`.
+# The stand-in is no Phi-4: a 13M-parameter model trained for ~2 minutes on the prose of Python's docstrings
+# (edgephi/devmodel.py). Its prompts below come from that domain (a docstring opening; a docstring summary as
+# the chat turn), and its replies are sampled at a low temperature with a fixed seed: docstring-like English.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=.venv/bin
@@ -11,6 +14,7 @@ trap 'if [ -n "${PID:-}" ] && kill -0 "$PID" 2>/dev/null; then kill -TERM "$PID"
 echo "== 1/4 tiny Phi-4 stand-in + auto-round W4A16 artifact (cached in .cache/ after the first run)"
 MODEL=$($BIN/edgephi devmodel --cache-dir .cache | tail -n 1)
 echo "artifact: $MODEL"
+echo "stand-in: $($BIN/python -m edgephi.devmodel --describe "$MODEL")"
 
 echo "== 2/4 starting the daemon (vLLM engine, gRPC on 127.0.0.1)"
 EDGEPHI_MODEL="$MODEL" EDGEPHI_PORT=0 EDGEPHI_PORT_FILE="$RUN/ports.json" EDGEPHI_MAX_MODEL_LEN=2048 \
@@ -26,12 +30,12 @@ done
 echo "health: $($BIN/edgephi health --port "$PORT")"
 $BIN/edgephi info --port "$PORT"
 
-echo "== 3/4 streaming replies"
-echo "-- generate:"
-$BIN/edgephi generate --port "$PORT" --max-tokens 48 'def read_config(path):
-    """'
-echo "-- chat:"
-$BIN/edgephi chat --port "$PORT" --max-tokens 64 -m "Return the absolute value of a number."
+SAMPLING=(--temperature 0.6 --top-k 30 --seed 2)
+echo "== 3/4 streaming replies (${SAMPLING[*]})"
+echo "-- generate: Return the number of"
+$BIN/edgephi generate --port "$PORT" --max-tokens 48 "${SAMPLING[@]}" 'Return the number of'
+echo "-- chat: Return the absolute value of a number."
+$BIN/edgephi chat --port "$PORT" --max-tokens 64 "${SAMPLING[@]}" -m "Return the absolute value of a number."
 
 echo "== 4/4 stopping the daemon (SIGTERM: drain, engine shutdown, exit 0)"
 kill -TERM $PID

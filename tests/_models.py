@@ -8,6 +8,7 @@ tests/conftest.py's ``dev_models``, so the bf16 build is shared), so only the fi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -21,12 +22,12 @@ from pathlib import Path
 from typing import Any
 
 from edgephi import devmodel
-from edgephi.quantize import quantize
+from edgephi.artifacts.autoround import AutoRoundParams, quantize
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: Quick quantization settings for tests and demos (the production defaults take far longer).
-TEST_QUANT_ARGS: dict[str, Any] = {"iters": 8, "nsamples": 16, "seqlen": 256, "batch_size": 8}
+#: Quick quantization settings for tests (the production defaults take far longer).
+TEST_AUTOROUND = AutoRoundParams(iters=8, nsamples=16, seqlen=256, batch_size=8, low_gpu_mem_usage=False)
 
 
 def cache_root() -> Path:
@@ -41,10 +42,11 @@ def tiny_model_dir() -> Path:
 
 
 def quantized_model_dir(export_format: str = "auto_gptq", **overrides: Any) -> Path:
-    """The tiny model quantized W4A16 (group 128, sym) with :data:`TEST_QUANT_ARGS`, built once and cached."""
+    """The tiny model quantized W4A16 (group 128, sym) with :data:`TEST_AUTOROUND` (``overrides`` applied),
+    built once and cached under a name with a digest of the parameters."""
     src = tiny_model_dir()
-    args = {**TEST_QUANT_ARGS, **overrides, "export_format": export_format}
-    key = hashlib.sha256(json.dumps(args, sort_keys=True).encode()).hexdigest()[:10]
+    params = dataclasses.replace(TEST_AUTOROUND, **overrides, export_format=export_format)
+    key = hashlib.sha256(json.dumps(params.to_json(), sort_keys=True).encode()).hexdigest()[:10]
     out = cache_root() / f"{src.name}-w4g128-{export_format}-{key}"
     if out.is_dir():
         return out
@@ -52,7 +54,7 @@ def quantized_model_dir(export_format: str = "auto_gptq", **overrides: Any) -> P
     with open(out.parent / f".{out.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not out.is_dir():
-            quantize(src, out, **args)
+            quantize(src, out, params)
     return out
 
 
@@ -73,6 +75,7 @@ _VLLM_SCRIPT = textwrap.dedent(
             SamplingParams(
                 temperature=0.0,
                 max_tokens=r.get("max_tokens", 24),
+                ignore_eos=r.get("ignore_eos", False),
                 structured_outputs=StructuredOutputsParams(choice=r["choice"]) if r.get("choice") else None,
             )
             for r in requests
@@ -101,8 +104,9 @@ _VLLM_SCRIPT = textwrap.dedent(
 def vllm_generate(model_dir: Path, requests: list[dict[str, Any]], timeout: float = 900) -> dict[str, Any]:
     """Load ``model_dir`` in vLLM (CPU, bf16, eager) in a fresh subprocess and run greedy ``requests``.
 
-    Each request is ``{"prompt": str, "max_tokens": int (default 24), "choice": [str, ...] (optional,
-    constrains the output to one of these strings through vLLM's structured outputs)}``.
+    Each request is ``{"prompt": str, "max_tokens": int (default 24), "ignore_eos": bool (default False: stop at
+    the end-of-sequence tokens), "choice": [str, ...] (optional, constrains the output to one of these strings
+    through vLLM's structured outputs)}``.
     Returns ``texts``, ``token_ids``, ``finish_reasons`` (one per request), ``load_seconds``,
     ``generate_seconds`` and peak RSS figures in MiB. Raises AssertionError with vLLM's output tail on failure.
     """

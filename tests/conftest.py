@@ -22,7 +22,7 @@ STREAM_WRITE_TIMEOUT_S = 5
 @pytest.fixture(scope="session")
 def dev_models() -> tuple[Path, Path]:
     """``(bf16 checkpoint, W4A16 artifact)`` of the tiny Phi-4 stand-in (built once, cached in .cache/)."""
-    from edgephi.cli import build_dev_artifact
+    from edgephi.devmodel import build_dev_artifact
 
     return build_dev_artifact(CACHE)
 

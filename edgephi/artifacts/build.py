@@ -2,18 +2,18 @@
 
 Stages: (1) checks — the configuration must be one the installed vLLM (and edgephi's CPU kernel, on a CPU box)
 can serve, the source a 16-bit checkpoint, the disk large enough — all before any work starts; (2) auto-round
-(:func:`edgephi.quantize.quantize`, which shows auto-round's per-block progress bar with its ETA) into a temp
-directory of the store; (3) the quality gate (:mod:`edgephi.artifacts.gate`) against the source; (4) the
-manifest, a strict re-verification, and the promotion (one rename). A failed gate promotes nothing.
+(:func:`edgephi.artifacts.autoround.quantize`, which shows auto-round's per-block progress bar with its ETA)
+into a temp directory of the store; (3) the quality gate (:mod:`edgephi.artifacts.gate`) against the source;
+(4) the manifest, a strict re-verification, and the promotion (one rename). A failed gate promotes nothing.
 
-Calibration never reaches a hub: the default corpus is the *train* split of the standard-library docstrings
-(:func:`edgephi.devmodel.stdlib_documents`), so the gate's held-out split stays unseen; ``--calibration FILE``
-text comes first and the corpus only tops it up (``--no-local-corpus``: the files alone).
+The run's knobs are one :class:`edgephi.artifacts.autoround.AutoRoundParams`, recorded field for field in the
+manifest's ``quantization`` section. Calibration never reaches a hub: the default corpus is the *train* split
+of the standard-library docstrings (:mod:`edgephi.artifacts.corpus`), so the gate's held-out split stays unseen;
+``--calibration FILE`` text comes first and the corpus only tops it up (``--no-local-corpus``: the files alone).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import importlib.metadata
 import json
@@ -25,17 +25,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from edgephi.artifacts import autoround, corpus, gate
 from edgephi.artifacts import manifest as mf
-from edgephi.artifacts.store import Staging, Store
+from edgephi.artifacts.autoround import EXPORT_FORMATS, AutoRoundParams
+from edgephi.artifacts.checkpoint import DTYPE_BYTES, decoder_linears, tensor_shapes
+from edgephi.artifacts.store import Staging, Store, StoreError
 
 __all__ = [
-    "PROFILES",
+    "KERNEL_GROUP_SIZES",
+    "VLLM_GPTQ_TYPES",
+    "VLLM_INC_BITS",
     "GateFailed",
-    "Profile",
-    "QuantParams",
     "Refused",
     "calibration_texts",
     "check_config",
+    "estimate_artifact_bytes",
     "gate_and_promote",
     "quantize_to_store",
     "serving_target",
@@ -49,11 +53,14 @@ VLLM_GPTQ_TYPES: frozenset[tuple[int, bool]] = frozenset({(4, True), (8, True)})
 VLLM_INC_BITS: frozenset[int] = frozenset({2, 3, 4, 5, 6, 7, 8})
 #: Group sizes vLLM's W4A16 kernels (Marlin on CUDA, cpu_gemm_wna16 and edgephi's portable one on CPU) handle.
 KERNEL_GROUP_SIZES: frozenset[int] = frozenset({-1, 32, 64, 128})
-EXPORT_FORMATS: tuple[str, ...] = ("auto_gptq", "auto_round")
 
 
 class Refused(ValueError):
-    """The configuration cannot produce an artifact edgephi serves; nothing was started."""
+    """The configuration cannot produce an artifact edgephi serves; nothing was started.
+
+    Attributes:
+        reasons: one sentence per problem found (all of them, not just the first).
+    """
 
     def __init__(self, reasons: Sequence[str]) -> None:
         self.reasons = list(reasons)
@@ -61,68 +68,15 @@ class Refused(ValueError):
 
 
 class GateFailed(RuntimeError):
-    """The artifact scored below the gate's thresholds; it was not promoted."""
+    """The artifact scored below the gate's thresholds; it was not promoted.
 
-    def __init__(self, result: Any) -> None:
+    Attributes:
+        result: the :class:`edgephi.artifacts.gate.GateResult`.
+    """
+
+    def __init__(self, result: gate.GateResult) -> None:
         self.result = result
         super().__init__(result.line())
-
-
-@dataclasses.dataclass(frozen=True)
-class Profile:
-    """A named set of auto-round knobs, sized by auto-round's documented cost for a 14B model."""
-
-    iters: int
-    nsamples: int
-    seqlen: int
-    batch_size: int
-    gradient_accumulate_steps: int
-    low_gpu_mem_usage: bool
-    vram_14b_gib: float | None
-    note: str
-
-
-#: ``--profile``: auto-round documents ~22 GB of VRAM for a 14B model with its defaults (batch 8), ~11 GB with
-#: ``low_gpu_mem_usage`` and ~7 GB with ``low_gpu_mem_usage`` + batch 1 + gradient accumulation 8 (same effective
-#: batch, slower). ``default`` therefore fits a 16 GB card and ``12gb`` a 12 GB card.
-PROFILES: dict[str, Profile] = {
-    "default": Profile(256, 128, 2048, 8, 1, True, 11.0,
-                       "auto-round's recipe with low_gpu_mem_usage: ~11 GB VRAM for 14B, fits a 16 GB card"),
-    "16gb": Profile(256, 128, 2048, 8, 1, True, 11.0, "same as default"),
-    "12gb": Profile(256, 128, 2048, 1, 8, True, 7.0,
-                    "low_gpu_mem_usage + batch 1 + gradient accumulation 8: ~7 GB VRAM for 14B, fits a 12 GB card"),
-    "24gb": Profile(256, 128, 2048, 8, 1, False, 22.0, "auto-round's defaults, fastest: ~22 GB VRAM for 14B"),
-    "rtn": Profile(0, 8, 512, 8, 1, True, None,
-                   "round-to-nearest (iters 0): minutes instead of hours, no tuning, lower quality"),
-}  # fmt: skip
-
-
-@dataclasses.dataclass
-class QuantParams:
-    """Everything passed to :func:`edgephi.quantize.quantize` (defaults: the ``default`` profile)."""
-
-    bits: int = 4
-    group_size: int = 128
-    sym: bool = True
-    iters: int = 256
-    nsamples: int = 128
-    seqlen: int = 2048
-    batch_size: int = 8
-    gradient_accumulate_steps: int = 1
-    low_gpu_mem_usage: bool = True
-    export_format: str = "auto_gptq"
-    quant_lm_head: bool = False
-    device: str | None = None
-
-    @classmethod
-    def from_profile(cls, profile: str, **overrides: Any) -> QuantParams:
-        p = PROFILES[profile]
-        base = {f.name: getattr(p, f.name) for f in dataclasses.fields(p) if f.name in _PARAM_NAMES}
-        base.update({k: v for k, v in overrides.items() if v is not None})
-        return cls(**base)
-
-
-_PARAM_NAMES = {f.name for f in dataclasses.fields(QuantParams)}
 
 
 # --------------------------------------------------------------------------------------------------- checks
@@ -137,41 +91,18 @@ def serving_target() -> str:
         return "gpu"
 
 
-def _safetensors_header(path: Path) -> dict[str, Any]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header: dict[str, Any] = json.loads(f.read(n))
-    header.pop("__metadata__", None)
-    return header
-
-
-_BLOCK_RE = re.compile(r"\.layers\.\d+\.")
-_DTYPE_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-
-
-def source_tensors(src: Path) -> dict[str, tuple[str, list[int]]]:
-    """``{name: (dtype, shape)}`` of the checkpoint's tensors, from the safetensors headers only."""
-    shards = sorted(src.glob("*.safetensors"))
-    out: dict[str, tuple[str, list[int]]] = {}
-    for shard in shards:
-        for name, info in _safetensors_header(shard).items():
-            out[name] = (str(info["dtype"]), [int(d) for d in info["shape"]])
-    return out
-
-
-def quantized_linears(tensors: dict[str, tuple[str, list[int]]]) -> dict[str, tuple[int, int]]:
-    """The linear layers auto-round quantizes: 2-D ``*.weight`` inside decoder blocks → ``(out, in)``."""
-    return {
-        name.removesuffix(".weight"): (shape[0], shape[1])
-        for name, (_dtype, shape) in tensors.items()
-        if name.endswith(".weight") and len(shape) == 2 and _BLOCK_RE.search(name)
-    }
-
-
-def check_config(src: Path, params: QuantParams, *, target: str | None = None) -> list[str]:
+def check_config(src: Path, params: AutoRoundParams, *, target: str | None = None) -> list[str]:
     """Why ``params`` on ``src`` would not give an artifact the installed vLLM serves (empty: go ahead).
 
     Cheap: reads config.json and the safetensors headers only; imports neither torch nor vLLM.
+
+    Args:
+        src: the 16-bit source checkpoint directory.
+        params: the run's knobs.
+        target: ``"cpu"`` or ``"gpu"`` (which vLLM build serves the artifact); default :func:`serving_target`.
+
+    Returns:
+        One sentence per problem (every problem found, not only the first); an unreadable ``src`` ends the list.
     """
     target = target or serving_target()
     reasons: list[str] = []
@@ -196,11 +127,7 @@ def check_config(src: Path, params: QuantParams, *, target: str | None = None) -
         )
     if params.group_size not in KERNEL_GROUP_SIZES:
         reasons.append(f"group size {params.group_size}: vLLM's W4A16 kernels take -1 (per channel), 32, 64 or 128")
-    if params.iters < 0 or min(params.nsamples, params.seqlen, params.batch_size,
-                               params.gradient_accumulate_steps) < 1:  # fmt: skip
-        reasons.append("iters must be >= 0; nsamples, seqlen, batch size and gradient accumulation >= 1")
-    if params.batch_size > params.nsamples:
-        reasons.append(f"batch size {params.batch_size} > nsamples {params.nsamples}")
+    reasons.extend(params.problems())
 
     config_path = src / "config.json"
     if not config_path.is_file():
@@ -215,12 +142,12 @@ def check_config(src: Path, params: QuantParams, *, target: str | None = None) -
     if isinstance(max_pos, int) and params.seqlen > max_pos:
         reasons.append(f"seqlen {params.seqlen} > the model's max_position_embeddings {max_pos}")
     try:
-        tensors = source_tensors(src)
+        tensors = tensor_shapes(src)
     except (OSError, ValueError, struct.error) as exc:
         return [*reasons, f"{src}: unreadable safetensors header ({exc})"]
     if not tensors:
         return [*reasons, f"{src}: no *.safetensors weights"]
-    linears = quantized_linears(tensors)
+    linears = decoder_linears(tensors)
     if not linears:
         reasons.append(f"{src}: no decoder-block linear layers found to quantize")
     pack = 32 // params.bits if params.bits in (2, 4, 8) else 1
@@ -236,10 +163,14 @@ def check_config(src: Path, params: QuantParams, *, target: str | None = None) -
     return reasons
 
 
-def estimate_artifact_bytes(src: Path, params: QuantParams) -> int:
-    """Size of the artifact: quantized linears at ``bits`` (+ fp16 scales), everything else at 16 bits."""
-    tensors = source_tensors(src)
-    linears = quantized_linears(tensors)
+def estimate_artifact_bytes(src: Path, params: AutoRoundParams) -> int:
+    """Size in bytes of the artifact ``params`` makes of ``src``: decoder linears at ``bits`` per weight plus
+    fp16 scales and zero points per group and an int32 ``g_idx``; every other tensor at (at most) 16 bits.
+
+    Reads the safetensors headers only. Raises what :func:`edgephi.artifacts.checkpoint.tensor_shapes` raises.
+    """
+    tensors = tensor_shapes(src)
+    linears = decoder_linears(tensors)
     total = 0
     for name, (dtype, shape) in tensors.items():
         numel = 1
@@ -250,7 +181,7 @@ def estimate_artifact_bytes(src: Path, params: QuantParams) -> int:
             groups = in_f // params.group_size if params.group_size > 0 else 1
             total += numel * params.bits // 8 + groups * out_f * 2 * 2 + in_f * 4
         else:
-            total += numel * min(2, _DTYPE_BYTES.get(dtype, 2))
+            total += numel * min(2, DTYPE_BYTES.get(dtype, 2))
     return total
 
 
@@ -261,21 +192,25 @@ def calibration_texts(files: Sequence[Path] = (), *, local_corpus: bool = True) 
     """Calibration text (user files first, then the local corpus) and its description for the manifest.
 
     The local corpus is the train split of the standard-library docstrings (never the gate's held-out split).
-    """
-    from edgephi.devmodel import stdlib_documents
-    from edgephi.quantize import load_calibration_files
 
+    Returns:
+        ``(texts, description)``: the description has ``files`` (path and sha256 of each), ``local_corpus``
+        (which split, when used) and ``texts_sha256`` (a digest of the texts, in order).
+
+    Raises:
+        Refused: a file cannot be read or holds no text, or there is no text at all.
+    """
     texts: list[str] = []
     desc: dict[str, Any] = {}
     if files:
         try:
-            texts.extend(load_calibration_files(files))
+            texts.extend(corpus.load_calibration_files(files))
             desc["files"] = [{"path": str(p), "sha256": mf.sha256_file(Path(p))} for p in files]
         except (OSError, ValueError) as exc:
             raise Refused([f"calibration files: {exc}"]) from None
     if local_corpus:
-        texts.extend(stdlib_documents("train"))
-        desc["local_corpus"] = "stdlib-docstrings:train (edgephi.devmodel.stdlib_documents)"
+        texts.extend(corpus.stdlib_documents("train"))
+        desc["local_corpus"] = corpus.TRAIN_SOURCE
     if not texts:
         raise Refused(["no calibration text: give --calibration FILE or keep the local corpus"])
     desc["texts_sha256"] = hashlib.sha256(json.dumps(texts).encode()).hexdigest()
@@ -297,6 +232,27 @@ def _source_section(src: Path, model: str | None, revision: str | None) -> dict[
             "files_sha256": mf.files_digest(entries)}  # fmt: skip
 
 
+def quantization_section(
+    params: AutoRoundParams, metadata: dict[str, Any], calibration: dict[str, Any]
+) -> dict[str, Any]:
+    """The manifest's ``quantization`` section: the tool, its version, the scheme, every field of ``params``
+    (:meth:`~edgephi.artifacts.autoround.AutoRoundParams.to_json`), then what the run recorded in ``metadata``
+    (its ``edgephi_quantize.json``: device used, samples used, seconds, peak RSS, torch) and ``calibration``."""
+    return {
+        "tool": "auto-round",
+        "auto_round_version": metadata.get("auto_round_version") or _version("auto-round"),
+        "scheme": params.scheme,
+        **params.to_json(),
+        "device": metadata.get("device", params.device),
+        "nsamples_used": metadata.get("nsamples"),
+        "calibration": calibration,
+        "seconds": metadata.get("seconds"),
+        "peak_rss_mib": metadata.get("peak_rss_mib"),
+        "torch": metadata.get("torch"),
+        "edgephi": _version("edgephi"),
+    }
+
+
 def gate_and_promote(
     store: Store,
     staging: Staging,
@@ -304,21 +260,21 @@ def gate_and_promote(
     *,
     sections: dict[str, Any],
     reference: Path | None,
-    thresholds: Any = None,
+    thresholds: gate.Thresholds | None = None,
     exclude_texts: Sequence[str] = (),
     gate_tokens: int | None = None,
     device: str | None = None,
     make_current: bool = False,
-) -> tuple[Path, Any]:
-    """Stages 3-4: gate ``artifact_dir`` against ``reference`` (None: skip the gate), write the manifest,
-    verify it strictly, promote. Returns ``(promoted path, gate result or None)``.
+) -> tuple[Path, gate.GateResult | None]:
+    """Stages 3-4: gate ``artifact_dir`` against ``reference`` (None: skip the gate), write the manifest (with
+    ``sections`` and the gate result), verify it strictly, promote. Returns ``(promoted path, gate result or
+    None)``.
 
     Raises:
         GateFailed: below thresholds; nothing promoted (the staging context removes the candidate).
+        edgephi.artifacts.gate.GateError: the gate could not run.
         edgephi.artifacts.manifest.ManifestError: the candidate does not verify against its own manifest.
     """
-    from edgephi.artifacts import gate
-
     result = None
     if reference is not None:
         logger.info("[3/4] quality gate: %s against %s", artifact_dir.name, reference)
@@ -346,7 +302,7 @@ def quantize_to_store(
     store: Store,
     name: str,
     src: Path,
-    params: QuantParams,
+    params: AutoRoundParams,
     *,
     model_id: str | None = None,
     revision: str | None = None,
@@ -354,20 +310,20 @@ def quantize_to_store(
     local_corpus: bool = True,
     reference: Path | None = None,
     run_gate: bool = True,
-    thresholds: Any = None,
+    thresholds: gate.Thresholds | None = None,
     gate_tokens: int | None = None,
     gate_device: str | None = None,
     make_current: bool = False,
     target: str | None = None,
-) -> tuple[Path, Any]:
+) -> tuple[Path, gate.GateResult | None]:
     """Quantize ``src`` into the store as ``name`` (stages in the module docstring); ``(path, gate result)``.
 
     Raises:
-        Refused: before any work (unservable configuration, bad source, name taken, disk too small).
+        Refused: before any work (unservable configuration, bad source, name taken, disk too small, no
+            calibration text).
         GateFailed: the artifact scored below the thresholds (not promoted).
+        edgephi.artifacts.gate.GateError: the gate could not run (not promoted).
     """
-    from edgephi.artifacts.store import StoreError
-
     t0 = time.monotonic()
     src = Path(src)
     logger.info("[1/4] checks: %s -> %s/%s (%s)", src, store.root, name, params)
@@ -386,48 +342,18 @@ def quantize_to_store(
     except StoreError as exc:
         raise Refused([str(exc)]) from None
     texts, calib_desc = calibration_texts(calibration_files, local_corpus=local_corpus)
-    from edgephi import quantize as q
-
     # the gate drops held-out documents found in user text (the local corpus is the disjoint train split)
-    user_texts = q.load_calibration_files(calibration_files) if calibration_files else []
+    user_texts = corpus.load_calibration_files(calibration_files) if calibration_files else []
 
     with store.staging(name) as staging:
         out = staging.path / name
-        logger.info("[2/4] auto-round W%dA16 g%d %s, %d iters (auto-round shows per-block progress and ETA)",
-                    params.bits, params.group_size, "sym" if params.sym else "asym", params.iters)  # fmt: skip
-        q.quantize(
-            src,
-            out,
-            bits=params.bits,
-            group_size=params.group_size,
-            sym=params.sym,
-            iters=params.iters,
-            nsamples=params.nsamples,
-            seqlen=params.seqlen,
-            batch_size=params.batch_size,
-            gradient_accumulate_steps=params.gradient_accumulate_steps,
-            low_gpu_mem_usage=params.low_gpu_mem_usage,
-            export_format=params.export_format,
-            calibration_texts=texts,
-            device=params.device,
-            quant_lm_head=params.quant_lm_head,
-        )
-        meta_path = out / "edgephi_quantize.json"
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-        quant_section = {
-            "tool": "auto-round",
-            "auto_round_version": meta.get("auto_round_version") or _version("auto-round"),
-            "scheme": f"W{params.bits}A16",
-            **dataclasses.asdict(params),
-            "device": meta.get("device", params.device),
-            "nsamples_used": meta.get("nsamples"),
-            "calibration": calib_desc,
-            "seconds": meta.get("seconds"),
-            "peak_rss_mib": meta.get("peak_rss_mib"),
-            "torch": meta.get("torch"),
-            "edgephi": _version("edgephi"),
+        logger.info("[2/4] auto-round %s g%d %s, %d iters (auto-round shows per-block progress and ETA)",
+                    params.scheme, params.group_size, "sym" if params.sym else "asym", params.iters)  # fmt: skip
+        autoround.quantize(src, out, params, calibration_texts=texts)
+        sections = {
+            "source": _source_section(src, model_id, revision),
+            "quantization": quantization_section(params, autoround.read_metadata(out), calib_desc),
         }
-        sections = {"source": _source_section(src, model_id, revision), "quantization": quant_section}
         final, result = gate_and_promote(
             store,
             staging,

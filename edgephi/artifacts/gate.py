@@ -1,7 +1,7 @@
 """The quality gate: does a 4-bit artifact still behave like its 16-bit source on text it never saw?
 
 Two figures on held-out text (by default the held-out split of the standard-library docstrings,
-:func:`edgephi.devmodel.stdlib_documents` ``"heldout"``: never used to train the tiny stand-in, never used for
+:func:`edgephi.artifacts.corpus.heldout_texts`: never used to train the tiny stand-in, never used for
 calibration by ``edgephi quantize``, and any held-out document found inside user calibration text is dropped):
 
 * ``ppl_ratio``: perplexity of the 4-bit model / perplexity of the 16-bit reference (1.0 = no loss);
@@ -37,6 +37,10 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from edgephi.artifacts.checkpoint import parameter_count
+from edgephi.artifacts.corpus import HELDOUT_SOURCE, heldout_texts
+from edgephi.artifacts.manifest import utc_now
+
 if TYPE_CHECKING:
     import torch
 
@@ -48,7 +52,6 @@ __all__ = [
     "Thresholds",
     "dequantize_gptq",
     "evaluate",
-    "heldout_texts",
     "load_dequantized",
     "zero_point_offset",
 ]
@@ -284,23 +287,11 @@ def load_dequantized(artifact: Path, *, dtype: str = "bfloat16", device: str = "
     return model.to(device).eval()
 
 
-def _parameter_count(model_dir: Path) -> int:
-    from edgephi.artifacts.build import source_tensors
-
-    total = 0
-    for _dtype, shape in source_tensors(model_dir).values():
-        n = 1
-        for d in shape:
-            n *= d
-        total += n
-    return total
-
-
 def _placement(reference: Path, device: str | None, dtype: str | None) -> tuple[str, str]:
     """The gate's (device, dtype) when not given (see :func:`evaluate`)."""
     import torch
 
-    params = _parameter_count(reference)
+    params = parameter_count(reference)
     if device is None:
         device = "cpu"
         if torch.cuda.is_available():
@@ -327,17 +318,6 @@ def _load_reference(reference: Path, *, dtype: str, device: str) -> Any:
 
 
 # ------------------------------------------------------------------------------------------------ eval text
-
-
-def heldout_texts(exclude: Sequence[str] = ()) -> list[str]:
-    """Held-out standard-library docstrings, minus any contained in ``exclude`` (e.g. calibration text)."""
-    from edgephi.devmodel import stdlib_documents
-
-    docs = stdlib_documents("heldout")
-    if not exclude:
-        return docs
-    blob = "\n\x00\n".join(exclude)
-    return [d for d in docs if d not in blob]
 
 
 def _token_stream(tokenizer: Any, texts: Sequence[str], max_tokens: int) -> list[int]:
@@ -401,7 +381,7 @@ def evaluate(
         artifact: 4-bit artifact directory (GPTQ-packed safetensors, tokenizer, config).
         reference: the 16-bit checkpoint it was made from.
         thresholds: pass criteria.
-        texts: evaluation text; default :func:`heldout_texts` (``exclude_texts`` removed).
+        texts: evaluation text; default :func:`edgephi.artifacts.corpus.heldout_texts` of ``exclude_texts``.
         exclude_texts: text the evaluation must not overlap (the calibration set).
         text_source: how to describe ``texts`` in the result.
         max_tokens: tokens scored (the text is cut there).
@@ -418,8 +398,6 @@ def evaluate(
 
     from transformers import AutoTokenizer
 
-    from edgephi.artifacts.manifest import utc_now
-
     t0 = time.monotonic()
     artifact, reference = Path(artifact), Path(reference)
     for d, what in ((artifact, "artifact"), (reference, "reference")):
@@ -428,7 +406,7 @@ def evaluate(
     device, dtype = _placement(reference, device, dtype)
     if texts is None:
         texts = heldout_texts(exclude_texts)
-        text_source = text_source or "stdlib-docstrings:heldout (edgephi.devmodel.stdlib_documents)"
+        text_source = text_source or HELDOUT_SOURCE
     tokenizer = AutoTokenizer.from_pretrained(str(artifact))
     ids = _token_stream(tokenizer, texts, max_tokens)
     if len(ids) < 257:

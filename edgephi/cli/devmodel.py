@@ -23,7 +23,7 @@ def add_parser(sub: Subparsers) -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     # Lazy: it loads torch, and it moves to edgephi/devmodel.py on another branch (the ignore is for before then).
-    from edgephi.devmodel import build_dev_artifact  # type: ignore[attr-defined,unused-ignore]
+    from edgephi.devmodel import build_dev_artifact
 
     bf16, w4 = build_dev_artifact(args.cache_dir, args.iters)
     print(bf16 if args.bf16 else w4)

@@ -43,7 +43,7 @@ def _add_gate(p: argparse.ArgumentParser) -> None:
 
 
 def _profiles_epilog() -> str:
-    from edgephi.artifacts.build import PROFILES
+    from edgephi.artifacts.autoround import PROFILES
 
     lines = ["profiles (explicit knobs override them):"]
     for name, p in PROFILES.items():
@@ -55,7 +55,7 @@ def _profiles_epilog() -> str:
 
 
 def add_quantize(sub: Subparsers) -> argparse.ArgumentParser:
-    from edgephi.artifacts.build import EXPORT_FORMATS, PROFILES
+    from edgephi.artifacts.autoround import EXPORT_FORMATS, PROFILES
 
     q = sub.add_parser("quantize", help="quantize a 16-bit checkpoint (auto-round W4A16) into the store, gated",
                        epilog=_profiles_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
@@ -175,7 +175,8 @@ def _offline() -> None:
 
 def run_quantize(args: argparse.Namespace, store: Any) -> int:
     from edgephi.artifacts import gate
-    from edgephi.artifacts.build import GateFailed, QuantParams, Refused, quantize_to_store
+    from edgephi.artifacts.autoround import AutoRoundParams as QuantParams
+    from edgephi.artifacts.build import GateFailed, Refused, quantize_to_store
     from edgephi.artifacts.fetch import FetchError, hub_snapshot, parse_source
 
     params = QuantParams.from_profile(
@@ -287,7 +288,7 @@ def run_verify(args: argparse.Namespace, store: Any) -> int:
         print(f"{path.resolve()}: {len(data['files'])} files match manifest.json ({out['digest']})")
     code: int = ExitCode.OK
     if args.reference is not None:
-        from edgephi.quantize import load_calibration_files
+        from edgephi.artifacts.corpus import load_calibration_files
 
         exclude = load_calibration_files(args.calibration) if args.calibration else []
         try:

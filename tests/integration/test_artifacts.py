@@ -11,13 +11,11 @@ leaves ``current`` and the visible store unchanged. The figures (time, peak RSS,
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -30,6 +28,7 @@ import pytest
 
 from edgephi.artifacts import build, gate
 from edgephi.artifacts import manifest as mf
+from edgephi.artifacts.autoround import AutoRoundParams
 from edgephi.artifacts.store import Store
 from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
@@ -187,28 +186,6 @@ def test_verify_cli_runs_the_gate_and_records_it(quantized: Quantized, bf16: Pat
 # ------------------------------------------------------------------------------------------------ refusals
 
 
-def _fake_checkpoint(root: Path, in_features: int) -> Path:
-    """A config.json and a safetensors file with decoder linears of ``in_features`` inputs (headers suffice)."""
-    root.mkdir(parents=True)
-    config = {"architectures": ["Phi3ForCausalLM"], "max_position_embeddings": 4096}
-    (root / "config.json").write_text(json.dumps(config))
-    shapes = {"model.embed_tokens.weight": [512, 256], "model.layers.0.mlp.down_proj.weight": [256, in_features],
-              "model.layers.0.self_attn.o_proj.weight": [256, 256], "model.layers.0.input_layernorm.weight": [256],
-              "lm_head.weight": [512, 256]}  # fmt: skip
-    header: dict[str, Any] = {}
-    offset = 0
-    for name, shape in shapes.items():
-        n = 2
-        for d in shape:
-            n *= d
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + n]}
-        offset += n
-    blob = json.dumps(header).encode()
-    with open(root / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob + b"\0" * offset)
-    return root
-
-
 def test_unservable_configurations_are_refused_before_any_work(bf16: Path, tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
     store = tmp_path / "store"
@@ -224,42 +201,20 @@ def test_unservable_configurations_are_refused_before_any_work(bf16: Path, tmp_p
     for extra, reason in cases:
         argv = ["quantize", "--model", str(bf16), "--name", "x", "--store", str(store), *extra]
         t0 = time.monotonic()
-        assert main(argv) == 2, extra
+        assert main(argv) == ExitCode.REFUSED, extra
         err = capsys.readouterr().err
         assert "refused before starting" in err and reason in err, (extra, err)
         assert time.monotonic() - t0 < 30
     # GPU target: asymmetric GPTQ is still refused by vLLM's GPTQ loader; 8-bit symmetric is fine there
-    p = build.QuantParams(bits=8)
-    assert build.check_config(bf16, p, target="gpu") == []
-    assert build.check_config(bf16, build.QuantParams(sym=False), target="gpu")
-    # a group size that does not divide a layer's in-features
-    fake = _fake_checkpoint(tmp_path / "fake", in_features=320)
-    reasons = build.check_config(fake, build.QuantParams(group_size=128), target="gpu")
-    assert any("does not divide the in-features [320]" in r for r in reasons), reasons
-    assert build.check_config(fake, build.QuantParams(group_size=64), target="gpu") == []
+    # (the rules on synthetic checkpoints: tests/unit/test_autoround_params.py)
+    assert build.check_config(bf16, AutoRoundParams(bits=8), target="gpu") == []
+    assert build.check_config(bf16, AutoRoundParams(sym=False), target="gpu")
     assert (
         main(["quantize", "--model", str(tmp_path / "nowhere"), "--name", "x", "--store", str(store)])
         == ExitCode.REFUSED
     )
     assert "no config.json" in capsys.readouterr().err
     assert not store.exists() or [p.name for p in store.iterdir() if not p.name.startswith(".lock")] == []
-
-
-def test_profiles_follow_auto_rounds_documented_memory() -> None:
-    p = build.PROFILES
-    assert dataclasses.replace(p["16gb"], note="") == dataclasses.replace(p["default"], note="")
-    assert p["default"].low_gpu_mem_usage
-    assert p["default"].vram_14b_gib is not None and p["default"].vram_14b_gib <= 16
-    assert p["12gb"].vram_14b_gib is not None and p["12gb"].vram_14b_gib <= 12
-    assert (p["12gb"].batch_size, p["12gb"].gradient_accumulate_steps) == (1, 8)
-    assert p["rtn"].iters == 0
-    params = build.QuantParams.from_profile("12gb", iters=10)
-    assert params.iters == 10 and params.low_gpu_mem_usage
-    assert (params.batch_size, params.gradient_accumulate_steps) == (1, 8)
-    # the GPTQ-compatible recipe: 4 bits, group 128, symmetric, 256 iterations, 128 samples, auto_gptq
-    d = build.QuantParams.from_profile("default")
-    assert (d.bits, d.group_size, d.sym, d.iters, d.nsamples, d.seqlen, d.export_format) == (
-        4, 128, True, 256, 128, 2048, "auto_gptq")  # fmt: skip
 
 
 def test_refusal_rules_match_the_installed_vllm() -> None:
@@ -283,7 +238,7 @@ def test_quantize_killed_midway_leaves_current_and_no_partial_artifact(quantized
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.monotonic() + 300
     inner: list[Path] = []
-    while not inner:  # edgephi.quantize's own temp dir inside our staging dir: auto-round is at work
+    while not inner:  # autoround.quantize's own temp dir inside our staging dir: auto-round is at work
         assert proc.poll() is None, "quantize ended before it could be killed"
         assert time.monotonic() < deadline
         inner = [p for t in store.root.glob(".tmp-tiny-killed-*") if t.is_dir() for p in t.iterdir()]

@@ -397,23 +397,6 @@ def test_killed_fetch_leaves_current_and_resumes(store_with_a: tuple[Store, Path
     assert store.current_name() == "slow" and mf.verify(store.root / "slow") == []
 
 
-def test_stale_temp_directories_are_cleaned_but_live_ones_kept(tmp_path: Path) -> None:
-    store = Store(tmp_path / "s")
-    with store.staging("live") as live:
-        (live.path / "partial.bin").write_bytes(b"x" * 10)
-        # a writer that died: a temp dir whose lock nobody holds
-        dead = store.root / ".tmp-dead-abc123"
-        dead.mkdir()
-        (dead / "partial.bin").write_bytes(b"x")
-        (store.root / ".tmp-dead-abc123.lock").write_text("")
-        removed = store.clean_stale()
-        assert removed == [".tmp-dead-abc123"]
-        assert live.path.is_dir()  # a live writer's directory survives
-    assert not live.path.exists() and sorted(p.name for p in store.root.iterdir()) == [".lock"]
-    with pytest.raises(StoreError, match="no artifact"):
-        store.use("nothing")
-
-
 def test_models_list_without_a_store_says_how_to_get_one(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["models", "list", "--store", str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err

@@ -195,12 +195,15 @@ def wire_requests(draw: st.DrawFn, vocab: int) -> Call:
     method = draw(st.sampled_from(["Generate", "Chat", "CountTokens", "GetModelInfo"]))
     if draw(st.booleans()):
         return Call(method, draw(st.binary(max_size=300)))
-    valid: Message = {
-        "Generate": lambda: draw(generate_requests(vocab)),
-        "Chat": lambda: pb.ChatRequest(messages=draw(chat_messages()), sampling=draw(sampling_options(vocab))),
-        "CountTokens": lambda: draw(count_tokens_requests()),
-        "GetModelInfo": lambda: pb.GetModelInfoRequest(),
-    }[method]()
+    valid: Message
+    if method == "Generate":
+        valid = draw(generate_requests(vocab))
+    elif method == "Chat":
+        valid = pb.ChatRequest(messages=draw(chat_messages()), sampling=draw(sampling_options(vocab)))
+    elif method == "CountTokens":
+        valid = draw(count_tokens_requests())
+    else:
+        valid = pb.GetModelInfoRequest()
     data = bytearray(valid.SerializeToString())
     for at, byte, op in draw(
         st.lists(st.tuples(st.integers(0, 2**16), st.integers(0, 255), st.sampled_from("fic")), max_size=4)

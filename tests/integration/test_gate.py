@@ -1,7 +1,8 @@
-"""The quality gate's building blocks: GPTQ dequantization (checked against auto-round's own packers and
-inference kernels), zero-point conventions, and held-out text that never overlaps calibration text.
+"""The quality gate's building blocks: GPTQ dequantization, checked against auto-round's own packers and
+inference kernels.
 
-The gate on real artifacts (good passes, noise fails and is not promoted) is in
+The zero-point conventions and the held-out text (pure logic) are in tests/unit/test_gate_rules.py and
+tests/unit/test_corpus.py; the gate on real artifacts (good passes, noise fails and is not promoted) is in
 tests/integration/test_artifacts.py, which shares its freshly quantized artifact."""
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 
-from edgephi.artifacts.gate import GateError, dequantize_gptq, heldout_texts, zero_point_offset
+from edgephi.artifacts.gate import GateError, dequantize_gptq
 
 
 def _packed_layer(packer: str, bits: int, group: int, in_f: int = 256, out_f: int = 384) -> tuple[Any, torch.Tensor]:
@@ -68,32 +69,10 @@ def test_dequantized_matmul_matches_auto_rounds_inference_kernel(packer: str) ->
     torch.testing.assert_close(y, y_kernel, rtol=2e-2, atol=2e-2)
 
 
-def test_zero_point_conventions() -> None:
-    assert zero_point_offset({"quant_method": "gptq"}) == 1
-    assert zero_point_offset({"quant_method": "gptq", "checkpoint_format": "gptq_v2"}) == 0
-    assert zero_point_offset({"quant_method": "auto-round", "packing_format": "auto_round:auto_gptq"}) == 1
-    assert zero_point_offset({"quant_method": "auto-round", "packing_format": "auto_round"}) == 0
-    assert zero_point_offset({"quant_method": "auto-round", "packing_format": "auto_round:gptqmodel"}) == 0
-    with pytest.raises(GateError, match="AWQ"):
-        zero_point_offset({"quant_method": "auto-round", "packing_format": "auto_round:auto_awq"})
-    with pytest.raises(GateError):
-        zero_point_offset({"quant_method": "fp8"})
+def test_dequantize_refuses_a_packing_it_cannot_read() -> None:
     with pytest.raises(GateError, match=r"unsupported|pack"):
         dequantize_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(2, 1, dtype=torch.int32),
                         torch.ones(2, 8), None, in_features=100)  # fmt: skip
-
-
-def test_heldout_text_never_overlaps_the_local_calibration_corpus() -> None:
-    from edgephi.artifacts.build import calibration_texts
-    from edgephi.devmodel import stdlib_documents
-
-    heldout = heldout_texts()
-    assert len(heldout) > 100
-    calibration, desc = calibration_texts()
-    assert "train" in desc["local_corpus"]
-    assert not set(heldout) & set(calibration)
-    assert set(calibration) == set(stdlib_documents("train"))
-    # held-out documents found inside user calibration text are dropped from the evaluation
-    user = ["notes\n\n" + heldout[0] + "\n\n" + heldout[5]]
-    kept = heldout_texts(user)
-    assert heldout[0] not in kept and heldout[5] not in kept and len(kept) == len(heldout) - 2
+    with pytest.raises(GateError, match="in_features unknown"):
+        dequantize_gptq(torch.zeros(16, 8, dtype=torch.int32), torch.zeros(1, 1, dtype=torch.int32),
+                        torch.ones(1, 8), None)  # fmt: skip

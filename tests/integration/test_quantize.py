@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 from safetensors import safe_open
 
-from edgephi.quantize import load_calibration_files, local_calibration_texts, quantize
+from edgephi.artifacts.autoround import AutoRoundParams, quantize
 from tests._models import (
     quantized_model_dir,
     tiny_model_dir,
@@ -45,42 +45,19 @@ def _tensors(model_dir: Path) -> dict[str, str]:
     return out
 
 
-# ------------------------------------------------------------------------------------------- calibration
-
-
-def test_local_calibration_texts_are_deterministic_and_long_enough() -> None:
-    a = local_calibration_texts(8, min_chars=4000)
-    assert a == local_calibration_texts(8, min_chars=4000)
-    assert len(a) == 8
-    assert all(len(t) >= 4000 for t in a)
-    assert len(set(a)) == 8
-
-
-def test_load_calibration_files(tmp_path: Path) -> None:
-    (tmp_path / "a.txt").write_text("plain text file\nwith two lines", encoding="utf-8")
-    (tmp_path / "b.jsonl").write_text(
-        '{"text": "first"}\nnot json\n{"other": 1}\n{"text": "  "}\n{"text": "zweite Zeile ü"}\n',
-        encoding="utf-8",
-    )
-    assert load_calibration_files([tmp_path / "a.txt", str(tmp_path / "b.jsonl")]) == [
-        "plain text file\nwith two lines",
-        "first",
-        "zweite Zeile ü",
-    ]
-    (tmp_path / "empty.txt").write_text("   \n", encoding="utf-8")
-    with pytest.raises(ValueError):
-        load_calibration_files([tmp_path / "empty.txt"])
-    with pytest.raises(FileNotFoundError):
-        load_calibration_files([tmp_path / "missing.txt"])
+# -------------------------------------------------------------------------------------------------- refusals
 
 
 def test_quantize_refuses_existing_output_and_short_calibration(tmp_path: Path) -> None:
     src = tiny_model_dir()
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError):
-        quantize(src, tmp_path / "exists", iters=0, nsamples=1, seqlen=32)
+        quantize(src, tmp_path / "exists", AutoRoundParams(iters=0, nsamples=1, seqlen=32, batch_size=1))
     with pytest.raises(ValueError, match="too short"):
-        quantize(src, tmp_path / "q", iters=0, nsamples=1, seqlen=256, calibration_texts=["far too short"])
+        rtn = AutoRoundParams(iters=0, nsamples=1, seqlen=256, batch_size=1)
+        quantize(src, tmp_path / "q", rtn, calibration_texts=["far too short"])
+    with pytest.raises(ValueError, match="batch size 8 > nsamples 1"):
+        quantize(src, tmp_path / "q", AutoRoundParams(iters=0, nsamples=1))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exists"]  # no temp dir left behind
 
 
@@ -102,6 +79,9 @@ def test_quantization_config(quantized: tuple[str, Path]) -> None:
         assert q["packing_format"] == "auto_round:auto_gptq"
     meta = json.loads((qdir / "edgephi_quantize.json").read_text())
     assert meta["bits"] == 4 and meta["export_format"] == fmt and meta["iters"] == q["iters"]
+    # the run's parameters are recorded under their own names and read back as the same object
+    recorded = AutoRoundParams.from_json(meta)
+    assert (recorded.bits, recorded.group_size, recorded.sym, recorded.export_format) == (4, 128, True, fmt)
 
 
 def test_every_decoder_linear_is_quantized_and_lm_head_is_not(quantized: tuple[str, Path]) -> None:
@@ -139,7 +119,9 @@ def _serve_and_check(qdir: Path) -> dict[str, Any]:
         tokenize=False,
         add_generation_prompt=True,
     )
-    result = vllm_generate(qdir, [{"prompt": "Return the number of"}, {"prompt": chat, "max_tokens": 64}])
+    result = vllm_generate(
+        qdir, [{"prompt": "Return the number of", "ignore_eos": True}, {"prompt": chat, "max_tokens": 64}]
+    )
     for text, ids in zip(result["texts"], result["token_ids"], strict=True):
         assert ids, result
         assert text.strip(), result

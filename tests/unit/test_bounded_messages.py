@@ -210,11 +210,11 @@ async def test_any_status_message_is_capped_on_the_wire(caplog: pytest.LogCaptur
         }
         for name, code in expected.items():
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await channel.unary_unary(f"/t.T/{name}")(b"x")
+                await channel.unary_unary(f"/t.T/{name}", None, None)(b"x")
             assert err.value.code() == code, err.value.details()
             assert wire_bytes(err.value.details() or "") <= MAX_DETAILS_WIRE_BYTES
             assert (err.value.details() or "").endswith("… (message cut)")
-        call = channel.unary_stream("/t.T/StreamRaise")(b"x")
+        call = channel.unary_stream("/t.T/StreamRaise", None, None)(b"x")
         assert await call.read() == b"first"
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call.read()
