@@ -76,11 +76,21 @@ class _Retryable(Exception):
 
 @dataclass(frozen=True)
 class Source:
-    kind: str  # "http", "archive", "dir", "hub"
+    """A classified ``edgephi fetch`` source (see :func:`parse_source`).
+
+    Attributes:
+        kind: ``"http"``, ``"archive"`` (local file), ``"dir"`` (local directory) or ``"hub"``.
+        location: the URL, path, or ``ORG/REPO`` for the hub.
+        revision: the pinned 40-hex commit (hub only).
+    """
+
+    kind: str
     location: str
     revision: str | None = None
 
     def default_name(self) -> str:
+        """The artifact name when neither ``--name`` nor the manifest gives one: the location's last path
+        component, without a query string or an archive suffix (``.tar``, ``.tar.gz``, ``.tgz``)."""
         base = self.location.rstrip("/").rsplit("/", 1)[-1].split("?", 1)[0]
         for suffix in _ARCHIVE_SUFFIXES:
             if base.endswith(suffix):
@@ -113,6 +123,8 @@ def parse_source(source: str, revision: str | None = None) -> Source:
 
 
 def normalize_digest(digest: str) -> str:
+    """``--sha256`` as 64 lower-case hex digits (surrounding blanks, an optional ``sha256:`` prefix and upper case
+    accepted). Raises FetchError for anything else."""
     d = digest.strip().lower().removeprefix("sha256:")
     if not _HEX64.match(d):
         raise FetchError(f"--sha256 {digest!r}: expected 64 hex digits")

@@ -82,6 +82,12 @@ class Thresholds:
 
 @dataclasses.dataclass
 class GateResult:
+    """One gate evaluation, as recorded in the manifest's ``gate`` section (:meth:`to_json`).
+
+    ``ppl_*`` are per-token perplexities (>= 1) over ``tokens`` held-out tokens; ``top1_agreement`` is a fraction
+    (0..1); ``seconds`` is the wall time of the whole evaluation; ``evaluated_at`` is UTC ISO 8601.
+    """
+
     passed: bool
     ppl_ratio: float
     top1_agreement: float
@@ -98,12 +104,14 @@ class GateResult:
     evaluated_at: str = ""
 
     def to_json(self) -> dict[str, Any]:
+        """The fields as JSON (thresholds nested), the float figures rounded to 4 decimals."""
         d = dataclasses.asdict(self)
         for key in ("ppl_ratio", "top1_agreement", "ppl_quantized", "ppl_reference", "seconds"):
             d[key] = round(float(d[key]), 4)
         return d
 
     def line(self) -> str:
+        """One human-readable line: verdict, both figures against their thresholds, tokens, seconds."""
         verdict = "PASSED" if self.passed else "FAILED"
         return (
             f"gate {verdict}: perplexity ratio {self.ppl_ratio:.4f} (4-bit {self.ppl_quantized:.3f} / 16-bit "

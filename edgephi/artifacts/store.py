@@ -67,6 +67,8 @@ class ArtifactInfo:
     problem: str | None = None
 
     def summary(self) -> dict[str, Any]:
+        """What ``edgephi models list --json`` prints for it (name, current, size in bytes, created, source
+        model, the gate's verdict and figures, artifact digest, problem)."""
         m = self.manifest or {}
         gate = m.get("gate") or {}
         return {
@@ -152,15 +154,18 @@ class Store:
         return name
 
     def path(self, name: str) -> Path:
+        """The directory artifact ``name`` has (or would have). Raises StoreError for a bad name."""
         return self.root / self.check_name(name)
 
     def exists(self, name: str) -> bool:
+        """Whether anything (even a dangling link) is at :meth:`path`. Raises StoreError for a bad name."""
         return os.path.lexists(self.path(name))
 
     # ---------------------------------------------------------------------------------------- current
 
     @property
     def current_link(self) -> Path:
+        """The ``current`` symlink's path (whether or not it exists)."""
         return self.root / CURRENT
 
     def current_target(self) -> str | None:
@@ -392,4 +397,5 @@ class Store:
 
 
 def is_enospc(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError for a full disk."""
     return isinstance(exc, OSError) and exc.errno == errno.ENOSPC
