@@ -1,6 +1,6 @@
 """CPU benchmark: TTFT and output tok/s through the edgephi gRPC daemon vs the same vLLM engine in-process.
 
-One invocation, the tiny dev artifact (``edgephi.cli.build_dev_artifact``: the small Phi-4 stand-in, W4A16 g128
+One invocation, the tiny dev artifact (``edgephi.devmodel.build_dev_artifact``: the small Phi-4 stand-in, W4A16 g128
 auto-round ``auto_gptq`` export), one set of engine settings, the same prompts (token ids from one seeded RNG),
 greedy, ``ignore_eos``, fixed output lengths; the two systems run one after the other, never together:
 
