@@ -148,7 +148,8 @@ def check_config(src: Path, params: AutoRoundParams, *, target: str | None = Non
     if not tensors:
         return [*reasons, f"{src}: no *.safetensors weights"]
     # the artifact's turns must end on <|im_end|>: an old config is fixed after auto-round, no token is refused
-    reasons.extend(f"{src}: {r}" for r in chat_format.inspect(src).refused)
+    if any((src / f).is_file() for f in (chat_format.TOKENIZER, chat_format.TOKENIZER_CONFIG)):
+        reasons.extend(f"{src}: {r}" for r in chat_format.inspect(src).refused)
     linears = decoder_linears(tensors)
     if not linears:
         reasons.append(f"{src}: no decoder-block linear layers found to quantize")

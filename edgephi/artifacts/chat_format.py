@@ -36,6 +36,8 @@ __all__ = [
     "CHAT_FILES",
     "GENERATION_CONFIG",
     "SECTION",
+    "TOKENIZER",
+    "TOKENIZER_CONFIG",
     "ChatFormatError",
     "Fix",
     "Verdict",
@@ -268,6 +270,7 @@ def fix(root: Path) -> list[Fix]:
         _write_text(path, json.dumps(gen, indent=2) + "\n")
     if not v.generation_prompt:
         jinja = root / TEMPLATE_FILE
+        was: Any
         if jinja.is_file():
             was = jinja.read_text(encoding="utf-8")
             _write_text(jinja, phi4.CHAT_TEMPLATE)
@@ -291,9 +294,7 @@ def section(root: Path, fixes: list[Fix] | None = None) -> dict[str, Any]:
     """The manifest's ``chat_format`` section: the verdict's ids, the chat files and their sha256, what
     :func:`fix` changed (and why)."""
     v = inspect(root)
-    files = [
-        {"path": name, "sha256": mf.sha256_file(root / name)} for name in CHAT_FILES if (root / name).is_file()
-    ]
+    files = [{"path": name, "sha256": mf.sha256_file(root / name)} for name in CHAT_FILES if (root / name).is_file()]
     return {
         "end_of_turn": phi4.IM_END,
         "end_of_turn_id": v.end_of_turn_id,

@@ -17,8 +17,8 @@ manifest found at the top or in the archive's single top directory, every file v
 the manifest does not list refuses the artifact), the chat format checked (:mod:`.chat_format`: an artifact
 whose ``generation_config.json`` does not end a turn on ``<|im_end|>`` is fixed, and its manifest rewritten with
 a ``chat_format`` section saying what was changed and why, so its digest differs from the published one; one
-without an ``<|im_end|>`` token is refused with :class:`ChatFormatRefused`), and promotion with one rename. Any failure leaves the store as
-it was: ``current`` untouched and no directory the daemon could pick up.
+without an ``<|im_end|>`` token is refused with :class:`ChatFormatRefused`), and promotion with one rename.
+Any failure leaves the store as it was: ``current`` untouched and no directory the daemon could pick up.
 """
 
 from __future__ import annotations

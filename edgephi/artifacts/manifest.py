@@ -201,11 +201,12 @@ def verify(root: Path, *, strict: bool = True, show_progress: bool = True) -> li
     chat = data.get("chat_format")
     if isinstance(chat, dict):
         for e in chat.get("files") or []:
-            rel = e.get("path") if isinstance(e, dict) else None
-            if rel not in listed:
-                problems.append(f"chat_format: {rel!r} is not in the manifest's files")
-            elif e.get("sha256") != listed[rel]["sha256"]:
-                problems.append(f"chat_format: {rel}: sha256 {e.get('sha256')}, files says {listed[rel]['sha256']}")
+            chat_rel = e.get("path") if isinstance(e, dict) else None
+            if chat_rel not in listed:
+                problems.append(f"chat_format: {chat_rel!r} is not in the manifest's files")
+            elif e.get("sha256") != listed[chat_rel]["sha256"]:
+                want = listed[chat_rel]["sha256"]
+                problems.append(f"chat_format: {chat_rel}: sha256 {e.get('sha256')}, files says {want}")
     todo = []
     for rel, entry in listed.items():
         path = root / rel
