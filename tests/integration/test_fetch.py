@@ -33,6 +33,7 @@ from edgephi.artifacts.fetch import DigestMismatch, FetchError, UnsafeArchive, f
 from edgephi.artifacts.store import Store, StoreError
 from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
+from tests._models import write_phi4_chat_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,6 +140,7 @@ def make_artifact(root: Path, name: str, weights_bytes: int = 256 << 10, seed: i
     (d / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], "seed": seed}))
     (d / "model.safetensors").write_bytes(os.urandom(weights_bytes))
     (d / "tokenizer.json").write_text('{"model": "tiny"}')
+    write_phi4_chat_files(d)
     mf.write_atomic(d / mf.MANIFEST, mf.new_manifest(name, d, show_progress=False))
     return d
 
