@@ -156,16 +156,19 @@ def _token_table(root: Path, refused: list[str]) -> dict[str, tuple[int, bool]]:
     wanted = (phi4.IM_END, phi4.ENDOFTEXT, phi4.PAD)
     tok = _read_json(root / TOKENIZER, refused)
     if tok is not None:
-        vocab = (tok.get("model") or {}).get("vocab")
+        model = tok.get("model")
+        vocab = model.get("vocab") if isinstance(model, dict) else None
         if isinstance(vocab, dict):
             for w in wanted:
                 if isinstance(vocab.get(w), int):
                     table[w] = (vocab[w], False)
-        for t in tok.get("added_tokens") or []:
+        added_tokens = tok.get("added_tokens")
+        for t in added_tokens if isinstance(added_tokens, list) else []:
             if isinstance(t, dict) and isinstance(t.get("id"), int) and isinstance(t.get("content"), str):
                 table[t["content"]] = (t["id"], bool(t.get("special")))
     conf = _read_json(root / TOKENIZER_CONFIG, refused)
-    for key, t in ((conf or {}).get("added_tokens_decoder") or {}).items():
+    decoder = (conf or {}).get("added_tokens_decoder")
+    for key, t in (decoder if isinstance(decoder, dict) else {}).items():
         if isinstance(t, dict) and isinstance(t.get("content"), str) and str(key).isdigit():
             old = table.get(t["content"])
             table[t["content"]] = (int(key), bool(t.get("special")) or (old is not None and old[1]))

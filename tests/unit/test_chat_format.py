@@ -218,3 +218,9 @@ def test_verify_reports_an_old_config_in_place(tmp_path: Path, capsys: pytest.Ca
     assert main(["verify", str(art), "--store", str(tmp_path / "store")]) == ExitCode.FAILED
     err = capsys.readouterr().err
     assert "generation_config.json: eos_token_id 100257 lacks <|im_end|>" in err and "edgephi serve" in err
+
+
+def test_odd_shapes_do_not_crash(tmp_path: Path) -> None:
+    root = make_phi4(tmp_path / "a")
+    _write(root, "tokenizer.json", {"model": "tiny", "added_tokens": "x"})
+    assert any("no <|im_end|> token" in r for r in cf.inspect(root).refused)
