@@ -389,7 +389,7 @@ def test_killed_fetch_leaves_current_and_resumes(store_with_a: tuple[Store, Path
         assert time.monotonic() < deadline, "the download never started"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    proc.communicate(timeout=30)  # reaps it and closes its pipes (an unclosed pipe is a ResourceWarning)
     have = part.stat().st_size
     assert 0 < have < (work / "slow.tar").stat().st_size
     assert store.current_name() == "a" and visible_dirs(store) == ["a"] and artifact_names(store) == ["a"]
