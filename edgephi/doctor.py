@@ -1,8 +1,9 @@
 """``edgephi doctor``: can this box serve, and if not, why — one line per check, each with the fix.
 
 Checks: configuration, GPU + driver + compute capability (NVML), device and host memory against the
-preflight model of :mod:`edgephi.preflight`, disk, artifact (present, loadable shape, manifest digests), the
-systemd unit, and the gRPC port.
+preflight model of :mod:`edgephi.preflight`, disk, artifact (present, loadable shape, manifest digests), its chat
+format (does a turn end on ``<|im_end|>``: :mod:`edgephi.artifacts.chat_format`, files only; ``edgephi verify
+--chat`` runs a real chat), the systemd unit, and the gRPC port.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ def run_checks(env_file: Path | None, cpu_only: bool = False) -> list[Check]:
         settings = Settings.model_construct()  # defaults, without reading the invalid environment again
     checks.extend(_gpu(cpu_only))
     checks.append(_artifact(settings))
+    checks.append(_chat_format(settings))
     checks.append(_memory(settings))
     checks.append(_disk(settings))
     checks.append(_unit())
@@ -118,6 +120,25 @@ def _artifact(settings: Settings) -> Check:
             "re-fetch or re-quantize; `edgephi models use` a good artifact",
         )
     return Check("artifact", True, f"{model.resolve()} verified against manifest.json")
+
+
+def _chat_format(settings: Settings) -> Check:
+    from edgephi.artifacts import chat_format
+
+    model = Path(settings.model)
+    if not model.is_dir():
+        return Check("chat format", None, "no artifact to read")
+    verdict = chat_format.inspect(model)
+    if verdict.refused:
+        return Check("chat format", False, "; ".join(verdict.refused), "fetch or quantize a Phi-4 artifact")
+    if verdict.fixable:
+        return Check(
+            "chat format",
+            None,
+            "; ".join(verdict.fixable) + " (edgephi serve still stops on <|im_end|>: it passes it as a stop token)",
+            "re-fetch or re-quantize with this edgephi (it fixes the files)",
+        )
+    return Check("chat format", True, verdict.line() + " (`edgephi verify --chat` runs one)")
 
 
 def verify_manifest_files(model: Path) -> list[str]:

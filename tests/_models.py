@@ -135,3 +135,16 @@ def vllm_generate(model_dir: Path, requests: list[dict[str, Any]], timeout: floa
             result: dict[str, Any] = json.loads(line.removeprefix("EDGEPHI_RESULT "))
             return result
     raise AssertionError(f"vLLM failed on {model_dir} (rc {proc.returncode}):\n{output[-12000:]}")
+
+
+def write_phi4_chat_files(d: Path) -> None:
+    """Phi-4's current tokenizer_config.json (its chat tokens, with Phi-4's ids, and chat template) and
+    generation_config.json: what `edgephi fetch` checks (edgephi.artifacts.chat_format), without a vocabulary."""
+    from edgephi import phi4
+
+    tokens = {phi4.ENDOFTEXT_ID: phi4.ENDOFTEXT, phi4.END_OF_TURN_ID: phi4.IM_END, phi4.PAD_ID: phi4.PAD}
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "added_tokens_decoder": {str(i): {"content": c, "special": True} for i, c in tokens.items()},
+        "chat_template": phi4.CHAT_TEMPLATE, "eos_token": phi4.IM_END}))  # fmt: skip
+    (d / "generation_config.json").write_text(json.dumps({
+        "eos_token_id": [phi4.END_OF_TURN_ID, phi4.ENDOFTEXT_ID], "pad_token_id": phi4.PAD_ID}))  # fmt: skip

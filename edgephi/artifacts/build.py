@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from edgephi.artifacts import autoround, corpus, gate
+from edgephi.artifacts import autoround, chat_format, corpus, gate
 from edgephi.artifacts import manifest as mf
 from edgephi.artifacts.autoround import EXPORT_FORMATS, AutoRoundParams
 from edgephi.artifacts.checkpoint import DTYPE_BYTES, decoder_linears, tensor_shapes
@@ -147,6 +147,9 @@ def check_config(src: Path, params: AutoRoundParams, *, target: str | None = Non
         return [*reasons, f"{src}: unreadable safetensors header ({exc})"]
     if not tensors:
         return [*reasons, f"{src}: no *.safetensors weights"]
+    # the artifact's turns must end on <|im_end|>: an old config is fixed after auto-round, no token is refused
+    if any((src / f).is_file() for f in (chat_format.TOKENIZER, chat_format.TOKENIZER_CONFIG)):
+        reasons.extend(f"{src}: {r}" for r in chat_format.inspect(src).refused)
     linears = decoder_linears(tensors)
     if not linears:
         reasons.append(f"{src}: no decoder-block linear layers found to quantize")
@@ -350,9 +353,16 @@ def quantize_to_store(
         logger.info("[2/4] auto-round %s g%d %s, %d iters (auto-round shows per-block progress and ETA)",
                     params.scheme, params.group_size, "sym" if params.sym else "asym", params.iters)  # fmt: skip
         autoround.quantize(src, out, params, calibration_texts=texts)
+        try:
+            fixes, chat_section = chat_format.apply(out)
+        except chat_format.ChatFormatError as exc:
+            raise Refused([f"{out.name}: {r}" for r in exc.reasons]) from None
+        for f in fixes:
+            logger.warning("fixed the artifact's chat format: %s", f.line())
         sections = {
             "source": _source_section(src, model_id, revision),
             "quantization": quantization_section(params, autoround.read_metadata(out), calib_desc),
+            "chat_format": chat_section,
         }
         final, result = gate_and_promote(
             store,

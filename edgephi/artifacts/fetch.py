@@ -14,8 +14,11 @@ Sources and what ``--sha256`` pins:
 Then: safe extraction into a temp directory of the store (regular files and directories only — absolute paths,
 ``..``, links and device files refuse the whole archive — with tarfile's ``"data"`` filter underneath), the
 manifest found at the top or in the archive's single top directory, every file verified (size, sha256; a file
-the manifest does not list refuses the artifact), and promotion with one rename. Any failure leaves the store as
-it was: ``current`` untouched and no directory the daemon could pick up.
+the manifest does not list refuses the artifact), the chat format checked (:mod:`.chat_format`: an artifact
+whose ``generation_config.json`` does not end a turn on ``<|im_end|>`` is fixed, and its manifest rewritten with
+a ``chat_format`` section saying what was changed and why, so its digest differs from the published one; one
+without an ``<|im_end|>`` token is refused with :class:`ChatFormatRefused`), and promotion with one rename.
+Any failure leaves the store as it was: ``current`` untouched and no directory the daemon could pick up.
 """
 
 from __future__ import annotations
@@ -34,10 +37,12 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from edgephi.artifacts import chat_format
 from edgephi.artifacts import manifest as mf
 from edgephi.artifacts.store import DOWNLOADS, Store, StoreError
 
 __all__ = [
+    "ChatFormatRefused",
     "DigestMismatch",
     "FetchError",
     "Source",
@@ -64,6 +69,11 @@ class FetchError(Exception):
 
 class DigestMismatch(FetchError):
     """The archive (or manifest) is not the one pinned by ``--sha256``."""
+
+
+class ChatFormatRefused(FetchError):
+    """The artifact cannot end a chat turn on ``<|im_end|>`` and cannot be fixed (the reasons name the file and
+    field); nothing was installed."""
 
 
 class UnsafeArchive(FetchError):
@@ -458,6 +468,7 @@ def _install(store: Store, source: str, src: Source, archive: Path | None, tree:
             raise FetchError(f"{source}: {exc}") from exc
         if problems:
             raise FetchError(f"{source}: the files do not match the manifest: {'; '.join(problems[:5])}: refused")
+        _check_chat_format(source, root)
         final_name = name or str(mf.load(root).get("name") or "") or src.default_name()
         try:
             store.check_name(final_name)
@@ -467,3 +478,30 @@ def _install(store: Store, source: str, src: Source, archive: Path | None, tree:
             raise FetchError(f"{store.path(final_name)} already exists: pick a new --name or "
                              f"`edgephi models remove {final_name}`")  # fmt: skip
         return store.promote(staging, root, name=final_name, make_current=make_current)
+
+
+def _check_chat_format(source: str, root: Path) -> None:
+    """Fix an old generation config / chat template in the verified candidate ``root`` and rewrite its manifest
+    (a ``chat_format`` section with the fixes; the files' new digests); leave a correct artifact untouched.
+
+    Raises:
+        ChatFormatRefused: no ``<|im_end|>`` token (or unreadable tokenizer files): it cannot be fixed.
+    """
+    try:
+        fixes, section = chat_format.apply(root)
+    except chat_format.ChatFormatError as exc:
+        raise ChatFormatRefused(f"{source}: refused: " + "; ".join(exc.reasons)) from None
+    if not fixes:
+        return
+    for f in fixes:
+        logger.warning("fixed the artifact's chat format: %s", f.line())
+    data = mf.load(root)
+    section["fixed_from"] = mf.artifact_digest(root)
+    data[chat_format.SECTION] = section
+    data["files"] = mf.file_entries(root, show_progress=False)
+    mf.write_atomic(root / mf.MANIFEST, data)
+    problems = mf.verify(root, show_progress=False)
+    if problems:  # pragma: no cover - the manifest was just written from these files
+        raise FetchError(f"{source}: the fixed artifact does not verify: {'; '.join(problems[:5])}")
+    logger.warning("the artifact's manifest now records the fix: digest %s (was %s)", mf.artifact_digest(root),
+                   section["fixed_from"])  # fmt: skip

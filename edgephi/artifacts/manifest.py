@@ -11,8 +11,15 @@ Format (``"format": "edgephi-artifact/1"``; unknown keys are kept and ignored)::
                        "group_size": 128, "sym": true, "iters": 256, ..., "calibration": {...},
                        "seconds": 5400.0, "peak_rss_mib": 30000},
       "gate": {"passed": true, "ppl_ratio": 1.02, "top1_agreement": 0.93, ...},
+      "chat_format": {"end_of_turn": "<|im_end|>", "end_of_turn_id": 100265, "eos_token_id": [100265, 100257],
+                      "ok": true, "fixed": [{"file", "field", "was", "now", "why"}, ...],
+                      "files": [{"path": "generation_config.json", "sha256": "<hex>"}, ...]},
       "files": [{"path": "config.json", "size": 1234, "sha256": "<hex>"}, ...]
     }
+
+``chat_format`` (written by :mod:`edgephi.artifacts.chat_format`; absent from older manifests, which still
+verify) records the tokenizer and generation-config files with their digests and what was fixed in them;
+:func:`verify` checks those digests against ``files``.
 
 ``files`` lists every file of the artifact except ``manifest.json`` itself (sorted, POSIX relative paths):
 :func:`edgephi.doctor.verify_manifest_files` and ``edgephi verify`` check them, and the daemon reports
@@ -191,6 +198,15 @@ def verify(root: Path, *, strict: bool = True, show_progress: bool = True) -> li
                 problems.append(f"{rel}: not a regular file")
             elif p.is_file() and rel != MANIFEST and rel not in listed:
                 problems.append(f"{rel}: not listed in the manifest")
+    chat = data.get("chat_format")
+    if isinstance(chat, dict):
+        for e in chat.get("files") or []:
+            chat_rel = e.get("path") if isinstance(e, dict) else None
+            if chat_rel not in listed:
+                problems.append(f"chat_format: {chat_rel!r} is not in the manifest's files")
+            elif e.get("sha256") != listed[chat_rel]["sha256"]:
+                want = listed[chat_rel]["sha256"]
+                problems.append(f"chat_format: {chat_rel}: sha256 {e.get('sha256')}, files says {want}")
     todo = []
     for rel, entry in listed.items():
         path = root / rel

@@ -3,7 +3,9 @@
 Exit codes (:class:`edgephi.exit_codes.ExitCode`): 0 ok; 1 (``FAILED``) failed after looking (digest mismatch,
 bad archive, gate below thresholds, manifest mismatch, download failure, a store error); 3 (``REFUSED``) refused
 before any work by ``quantize`` (a configuration vLLM cannot serve, a source that is not a 16-bit checkpoint or
-cannot be resolved, a taken name, too little disk); 2 (``USAGE``) is argparse's, for a wrong command line.
+cannot be resolved, a taken name, too little disk), and by ``quantize``/``fetch`` for an artifact that cannot end
+a chat turn on ``<|im_end|>`` (no such token; :mod:`edgephi.artifacts.chat_format`); 2 (``USAGE``) is
+argparse's, for a wrong command line.
 A SIGTERM ends ``quantize``/``fetch`` with 143 (128 + 15) after their temp directories are removed.
 """
 
@@ -22,6 +24,8 @@ from edgephi.artifacts.store import DEFAULT_STORE, STORE_ENV
 from edgephi.cli.command import Command, Subparsers
 from edgephi.exit_codes import ExitCode
 
+#: ``verify --chat``'s default user message: one a chat model answers briefly.
+CHAT_PROMPT = "Reply with one word: hello."
 #: A store command's body: given the arguments and the store (``--store``), do the work, return an exit code.
 Body = Callable[[argparse.Namespace, Any], int]
 
@@ -115,6 +119,11 @@ def add_verify(sub: Subparsers) -> argparse.ArgumentParser:
                    help="calibration files the artifact was made with (held-out text in them is skipped)")  # fmt: skip
     v.add_argument("--device", help="gate device (default: cuda when the 16-bit model fits, else cpu)")
     v.add_argument("--no-record", action="store_true", help="do not write the gate result into manifest.json")
+    v.add_argument("--chat", action="store_true",
+                   help="serve the artifact (a real daemon on 127.0.0.1) and check that one short greedy chat "
+                   "ends on <|im_end|> with finish reason stop")  # fmt: skip
+    v.add_argument("--chat-prompt", default=CHAT_PROMPT, help="the user message of that chat (default %(default)r)")
+    v.add_argument("--chat-max-tokens", type=int, default=256, help="its max_tokens (default %(default)s)")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     return v
 
@@ -244,13 +253,16 @@ def run_quantize(args: argparse.Namespace, store: Any) -> int:
 
 
 def run_fetch(args: argparse.Namespace, store: Any) -> int:
-    from edgephi.artifacts.fetch import DigestMismatch, FetchError, fetch
+    from edgephi.artifacts.fetch import ChatFormatRefused, DigestMismatch, FetchError, fetch
     from edgephi.artifacts.manifest import artifact_digest
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         final = fetch(store, args.source, args.sha256, name=args.name, revision=args.revision, make_current=args.use,
                       retries=args.retries, timeout=args.timeout)  # fmt: skip
+    except ChatFormatRefused as exc:
+        _err(f"{exc}\nnothing was installed; {_current_note(store)}")
+        return ExitCode.REFUSED
     except DigestMismatch as exc:
         _err(f"{exc}\nnothing was installed; {_current_note(store)}")
         return ExitCode.FAILED
@@ -312,9 +324,72 @@ def run_verify(args: argparse.Namespace, store: Any) -> int:
         g = data["gate"]
         print(f"recorded gate: {'passed' if g.get('passed') else 'FAILED'}, perplexity ratio {g.get('ppl_ratio')}, "
               f"top-1 agreement {g.get('top1_agreement')} ({g.get('evaluated_at', '?')})")  # fmt: skip
+    code = max(code, _verify_chat_format(args, path.resolve(), out))
     if args.json:
         print(json.dumps(out, indent=2))
     return code
+
+
+def _verify_chat_format(args: argparse.Namespace, path: Path, out: dict[str, Any]) -> int:
+    """The static chat-format verdict, and with ``--chat`` one short chat through a real daemon."""
+    from edgephi.artifacts import chat_format
+
+    verdict = chat_format.inspect(path)
+    out["chat_format"] = {
+        "ok": verdict.ok,
+        "end_of_turn_id": verdict.end_of_turn_id,
+        "eos_token_id": verdict.eos_token_id,
+        "problems": verdict.refused + verdict.fixable,
+    }
+    if not args.json:
+        print(f"chat format: {verdict.line()}")
+    code: int = ExitCode.OK
+    if verdict.refused:
+        _err(f"{path}: cannot end a chat turn on <|im_end|>: " + "; ".join(verdict.refused))
+        code = ExitCode.FAILED
+    elif verdict.fixable:
+        _err(f"{path}: {'; '.join(verdict.fixable)} (`edgephi serve` still stops on <|im_end|>, it passes it as a "
+             "stop token; re-fetch or re-quantize to fix the files)")  # fmt: skip
+        code = ExitCode.FAILED
+    if args.chat:
+        chat = _chat_check(path, args.chat_prompt, args.chat_max_tokens, verdict.end_of_turn_id)
+        out["chat"] = chat
+        if not args.json:
+            print(f"chat: {'ok' if chat['ok'] else 'FAILED'}: {chat['detail']}")
+        if not chat["ok"]:
+            code = ExitCode.FAILED
+    return code
+
+
+def _chat_check(path: Path, prompt: str, max_tokens: int, end_of_turn_id: int | None) -> dict[str, Any]:
+    """Serve ``path`` (``edgephi serve`` on 127.0.0.1, port 0, small context), send one greedy chat, and say
+    whether it ended on ``<|im_end|>`` with ``FINISH_REASON_STOP``."""
+    import tempfile
+
+    import grpc
+
+    from edgephi.client import sampling
+    from edgephi.testing import run_daemon
+    from edgephi.v1 import inference_pb2 as pb
+
+    result: dict[str, Any] = {"prompt": prompt, "max_tokens": max_tokens, "ok": False}
+    with tempfile.TemporaryDirectory(prefix="edgephi-verify-chat-") as tmp:
+        try:
+            with run_daemon(path, Path(tmp)) as daemon, daemon.client() as client:
+                msgs = list(client.chat([("user", prompt)], sampling(max_tokens=max_tokens, temperature=0.0),
+                                        timeout=600))  # fmt: skip
+        except (RuntimeError, TimeoutError, grpc.RpcError) as exc:
+            result["detail"] = f"the daemon did not answer: {str(exc)[-2000:]}"
+            return result
+    ids = [t for m in msgs for t in m.token_ids]
+    reason = pb.FinishReason.Name(msgs[-1].finish_reason) if msgs else "none"
+    last = ids[-1] if ids else None
+    result.update({"finish_reason": reason, "completion_tokens": len(ids), "last_token_id": last,
+                   "end_of_turn_id": end_of_turn_id, "text": "".join(m.text for m in msgs)})  # fmt: skip
+    result["ok"] = reason == "FINISH_REASON_STOP" and last is not None and last == end_of_turn_id
+    ended = "ended on <|im_end|>" if last is not None and last == end_of_turn_id else f"last token {last}"
+    result["detail"] = f"{ended}, {reason}, {len(ids)} tokens"
+    return result
 
 
 def _human(n: int) -> str:

@@ -23,6 +23,7 @@ def test_doctor_passes_on_the_dev_artifact(artifact: Path) -> None:
     out = doctor(artifact, "--cpu-only")
     assert out.returncode == 0, out.stdout
     assert "[ok  ] artifact" in out.stdout and "[ok  ] memory" in out.stdout and "can serve" in out.stdout
+    assert "[ok  ] chat format: ends a turn on <|im_end|>" in out.stdout
 
 
 def test_doctor_names_missing_artifact_and_gpu(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ from edgephi.artifacts.fetch import DigestMismatch, FetchError, UnsafeArchive, f
 from edgephi.artifacts.store import Store, StoreError
 from edgephi.cli import main
 from edgephi.doctor import verify_manifest_files
+from tests._models import write_phi4_chat_files
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -139,6 +141,7 @@ def make_artifact(root: Path, name: str, weights_bytes: int = 256 << 10, seed: i
     (d / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], "seed": seed}))
     (d / "model.safetensors").write_bytes(os.urandom(weights_bytes))
     (d / "tokenizer.json").write_text('{"model": "tiny"}')
+    write_phi4_chat_files(d)
     mf.write_atomic(d / mf.MANIFEST, mf.new_manifest(name, d, show_progress=False))
     return d
 
@@ -386,7 +389,7 @@ def test_killed_fetch_leaves_current_and_resumes(store_with_a: tuple[Store, Path
         assert time.monotonic() < deadline, "the download never started"
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
-    proc.wait(30)
+    proc.communicate(timeout=30)  # reaps it and closes its pipes (an unclosed pipe is a ResourceWarning)
     have = part.stat().st_size
     assert 0 < have < (work / "slow.tar").stat().st_size
     assert store.current_name() == "a" and visible_dirs(store) == ["a"] and artifact_names(store) == ["a"]
@@ -401,3 +404,35 @@ def test_models_list_without_a_store_says_how_to_get_one(tmp_path: Path, capsys:
     assert main(["models", "list", "--store", str(tmp_path / "absent")]) == 1
     err = capsys.readouterr().err
     assert f"no artifact store at {tmp_path / 'absent'}" in err and "edgephi fetch" in err
+
+
+def test_old_generation_config_is_fixed_on_fetch_and_the_chat_stops_on_im_end(
+    dev_models: tuple[Path, Path], tmp_path: Path, http: _Server, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The stand-in artifact with Phi-4's pre-fix generation_config (eos <|endoftext|> only), published with its
+    manifest and fetched over HTTP: fetch rewrites eos to [<|im_end|>, <|endoftext|>] and records why, and
+    `verify --chat` serves it and sees a greedy chat end on <|im_end|> with FINISH_REASON_STOP."""
+    old = tmp_path / "old-config"
+    shutil.copytree(dev_models[1], old, ignore=shutil.ignore_patterns(mf.MANIFEST))
+    added = {t["content"]: t["id"] for t in json.loads((old / "tokenizer.json").read_text())["added_tokens"]}
+    im_end, endoftext = added["<|im_end|>"], added["<|endoftext|>"]
+    gen = json.loads((old / "generation_config.json").read_text())
+    gen["eos_token_id"] = endoftext  # what public copies quantized before Microsoft's fix carry
+    (old / "generation_config.json").write_text(json.dumps(gen))
+    mf.write_atomic(old / mf.MANIFEST, mf.new_manifest("old-config", old, show_progress=False))
+    digest = pack(old, tmp_path / "old-config.tar")
+    url = serve(http, f"/{tmp_path.name}/old-config.tar", tmp_path / "old-config.tar")
+    store = tmp_path / "store"
+    assert main(["fetch", url, "--sha256", digest, "--store", str(store)]) == 0, capsys.readouterr().err
+    art = store / "old-config"
+    assert json.loads((art / "generation_config.json").read_text())["eos_token_id"] == [im_end, endoftext]
+    fixed = mf.load(art)["chat_format"]["fixed"]
+    assert fixed[0]["field"] == "eos_token_id" and fixed[0]["was"] == endoftext and "max_tokens" in fixed[0]["why"]
+    capsys.readouterr()
+    argv = ["verify", str(art), "--store", str(store), "--chat", "--chat-prompt",
+            "Return the absolute value of a number.", "--chat-max-tokens", "400", "--json"]  # fmt: skip
+    code = main(argv)
+    out = json.loads(capsys.readouterr().out)
+    assert code == 0, out
+    assert out["chat_format"]["ok"] and out["chat"]["ok"], out
+    assert out["chat"]["finish_reason"] == "FINISH_REASON_STOP" and out["chat"]["last_token_id"] == im_end

@@ -15,6 +15,7 @@ import pytest
 from edgephi.artifacts import fetch as ft
 from edgephi.artifacts import manifest as mf
 from edgephi.artifacts.store import Store
+from tests._models import write_phi4_chat_files
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -24,6 +25,7 @@ def _artifact(root: Path, name: str = "art") -> Path:
     d.mkdir(parents=True)
     (d / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"]}))
     (d / "model.safetensors").write_bytes(b"\x01" * 4096)
+    write_phi4_chat_files(d)
     mf.write_atomic(d / mf.MANIFEST, mf.new_manifest(name, d, show_progress=False))
     return d
 
@@ -204,7 +206,8 @@ def test_fetch_local_directory_pinned_by_its_manifest_and_copies_listed_files_on
     with pytest.raises(ft.DigestMismatch, match=r"manifest\.json sha256"):
         ft.fetch(store, str(art), "ab" * 32)
     final = ft.fetch(store, str(art), digest, name="copy", show_progress=False)
-    assert sorted(p.name for p in final.iterdir()) == ["config.json", mf.MANIFEST, "model.safetensors"]
+    assert sorted(p.name for p in final.iterdir()) == [
+        "config.json", "generation_config.json", mf.MANIFEST, "model.safetensors", "tokenizer_config.json"]  # fmt: skip
     # a listed file missing from the source directory: refused, nothing promoted
     (art / "config.json").unlink()
     with pytest.raises(ft.FetchError, match="listed in the manifest but missing"):
