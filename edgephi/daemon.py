@@ -146,6 +146,7 @@ async def _run(st: ServerState, settings: Settings, notifier: Notifier, start_en
                 await st.drain(settings.drain_grace_s)
             notifier.status("stopping engine")
     finally:
+        st.detach()
         extender.cancel()
         abandon.cancel()
     return st.exit_code

@@ -214,6 +214,10 @@ class ServerState:
             max_stop_string_chars=s.max_stop_string_chars,
         )
 
+    def detach(self) -> None:
+        """The engine is shut down: forget it (nothing keeps vLLM's engine client alive past the daemon)."""
+        self.engine = None
+
     def status_line(self) -> str:
         """One line for systemd's STATUS=: lifecycle, streams running and queued, the guard's reason."""
         return f"{self.lifecycle.value}: {self.admission.running} streams running, {self.admission.queued} queued" + (

@@ -218,6 +218,13 @@ async def shutdown(llm: Any) -> None:
             await asyncio.wait([handler])
     finally:
         await asyncio.to_thread(llm.shutdown)
+        # Done once: vLLM's AsyncLLM.__del__ calls shutdown() again, and when the object is collected at
+        # interpreter exit that second call fails on torn-down module globals (a traceback after a clean stop).
+        llm.shutdown = _already_shut_down
+
+
+def _already_shut_down(*args: object, **kwargs: object) -> None:
+    """Stands in for ``AsyncLLM.shutdown`` once the engine has been shut down."""
 
 
 class CoreProcesses:

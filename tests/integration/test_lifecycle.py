@@ -24,7 +24,8 @@ GRACE_S = 10.0  # the 20-token short stream takes 1-4 s on the slow CPU W4A16 pa
 
 def error_lines(log: str) -> list[str]:
     """Lines of a daemon log at ERROR (ours and vLLM's formats) or of a traceback."""
-    return [line for line in log.splitlines() if re.search(r"\bERROR\b|\bCRITICAL\b|Traceback", line)]
+    noisy = r"\bERROR\b|\bCRITICAL\b|Traceback|Exception ignored"
+    return [line for line in log.splitlines() if re.search(noisy, line)]
 
 
 def test_loading_then_serving_then_sigterm_drain(artifact: Path, tmp_path: Path) -> None:
