@@ -284,7 +284,7 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
             assert client.poll() is None
         finally:
             client.kill()
-            client.wait(30)
+            client.communicate(timeout=30)  # reaps it and closes its pipe
         _wait_serving(ns.server_ip, d, timeout=60)  # the watchdog saw the frozen core: ready again once it runs
 
         # 2. Queued: another client holds the one slot (it reads nothing through a 1 KiB window, so its stream
@@ -306,7 +306,7 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
                 assert client.poll() is None
             finally:
                 client.kill()
-                client.wait(30)
+                client.communicate(timeout=30)
             holder.cancel()
         with Client(Connection(ns.server_ip, d.port)) as c:
             assert c.count_tokens("still here") > 0
