@@ -18,7 +18,7 @@ echo "stand-in: $($BIN/python -m edgephi.devmodel --describe "$MODEL")"
 
 echo "== 2/4 starting the daemon (vLLM engine, gRPC on 127.0.0.1)"
 EDGEPHI_MODEL="$MODEL" EDGEPHI_PORT=0 EDGEPHI_PORT_FILE="$RUN/ports.json" EDGEPHI_MAX_MODEL_LEN=2048 \
-  EDGEPHI_KV_CACHE_SPACE_GIB=1 EDGEPHI_ENFORCE_EAGER=true \
+  EDGEPHI_KV_CACHE_SPACE_GIB=1 EDGEPHI_ENFORCE_EAGER=true EDGEPHI_SERVED_MODEL_NAME="$(basename "$MODEL")" \
   $BIN/edgephi serve >"$RUN/daemon.log" 2>&1 &
 PID=$!
 for _ in $(seq 600); do [ -s "$RUN/ports.json" ] && break; kill -0 $PID || { cat "$RUN/daemon.log"; exit 1; }; sleep 0.1; done

@@ -122,6 +122,12 @@ def connected(body: Body) -> Callable[[argparse.Namespace], int]:
             code = exc.code() if hasattr(exc, "code") else None
             details = exc.details() if hasattr(exc, "details") else str(exc)
             print(f"\nedgephi: {code.name if code else 'error'}: {details}", file=sys.stderr)
+            if code is grpc.StatusCode.UNAVAILABLE and "connect" in (details or "").lower():
+                print(
+                    f"edgephi: is `edgephi serve` running and listening on {args.host}:{args.port}? "
+                    "(--host/--port, or EDGEPHI_CLIENT_HOST/EDGEPHI_CLIENT_PORT)",
+                    file=sys.stderr,
+                )
             return ExitCode.FAILED
 
     return run

@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import json
 import os
+import socket
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -359,3 +360,12 @@ def test_ctrl_c_exits_130(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(edgephi.doctor, "run_checks", interrupted)
     assert main(["doctor"]) == 130
+
+
+def test_nothing_listening_names_the_fix(capsys: pytest.CaptureFixture[str]) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    assert main(["count-tokens", "hi", "--port", str(port), "--timeout", "2"]) == ExitCode.FAILED
+    err = capsys.readouterr().err
+    assert "UNAVAILABLE" in err and f"is `edgephi serve` running and listening on 127.0.0.1:{port}?" in err
