@@ -307,7 +307,9 @@ def test_stalled_reader_is_aborted_and_frees_its_slot(daemon: Daemon) -> None:
             ),
             timeout=300,
         )
-        assert daemon.wait_metric("edgephi_streams_running", 1.0, timeout=30) == 1.0
+        # Running (not polled to 1: on a loaded box the whole stall may pass between two scrapes; the status
+        # below proves the stream ran and was aborted for not reading).
+        daemon.wait_metric("edgephi_streams_running", 1.0, timeout=30)
         # Not reading: the slot must come back (write timeout + abort), well before 1,900 tokens are made.
         assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=STREAM_WRITE_TIMEOUT_S + 60) == 0.0
         assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0
