@@ -23,8 +23,10 @@ STREAM_WRITE_TIMEOUT_S = 5
 def dev_models() -> tuple[Path, Path]:
     """``(bf16 checkpoint, W4A16 artifact)`` of the tiny Phi-4 stand-in (built once, cached in .cache/)."""
     from edgephi.devmodel import build_dev_artifact
+    from tests._models import third_party_pipes_collected
 
-    return build_dev_artifact(CACHE)
+    with third_party_pipes_collected():  # the first build runs auto-round in this process
+        return build_dev_artifact(CACHE)
 
 
 @pytest.fixture(scope="session")
