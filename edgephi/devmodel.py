@@ -45,6 +45,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from edgephi import phi4
 from edgephi.artifacts.autoround import AutoRoundParams
 from edgephi.artifacts.corpus import stdlib_documents
 
@@ -77,30 +78,18 @@ logger = logging.getLogger(__name__)
 #: Bump whenever the build procedure changes in a way that changes the output (invalidates caches).
 BUILDER_VERSION = 3
 
-#: Phi-4's special tokens. ``<|endoftext|>`` is BOS and the document separator, ``<|im_end|>`` ends a turn.
-BOS_TOKEN = "<|endoftext|>"
-IM_START = "<|im_start|>"
-IM_SEP = "<|im_sep|>"
-IM_END = "<|im_end|>"
+#: Phi-4's special tokens (:mod:`edgephi.phi4`). ``<|endoftext|>`` is BOS and the document separator,
+#: ``<|im_end|>`` ends a turn.
+BOS_TOKEN = phi4.ENDOFTEXT
+IM_START = phi4.IM_START
+IM_SEP = phi4.IM_SEP
+IM_END = phi4.IM_END
 EOS_TOKEN = IM_END
-PAD_TOKEN = "<|dummy_85|>"  # Phi-4's pad token
+PAD_TOKEN = phi4.PAD  # Phi-4's pad token
 SPECIAL_TOKENS: tuple[str, ...] = (BOS_TOKEN, IM_START, IM_SEP, IM_END, PAD_TOKEN)
 
 #: Phi-4's chat template, verbatim.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if (message['role'] == 'system') %}"
-    "{{'<|im_start|>system<|im_sep|>' + message['content'] + '<|im_end|>'}}"
-    "{% elif (message['role'] == 'user') %}"
-    "{{'<|im_start|>user<|im_sep|>' + message['content'] + '<|im_end|>'}}"
-    "{% elif (message['role'] == 'assistant') %}"
-    "{{'<|im_start|>assistant<|im_sep|>' + message['content'] + '<|im_end|>'}}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}"
-    "{{ '<|im_start|>assistant<|im_sep|>' }}"
-    "{% endif %}"
-)
+CHAT_TEMPLATE = phi4.CHAT_TEMPLATE
 
 _QUANT_ALIGN = 128  # every linear width is a multiple of this (group-128 quantization)
 _METADATA_FILE = "edgephi_devmodel.json"
