@@ -98,7 +98,7 @@ def test_a_client_pinging_every_10_s_keeps_its_connection_across_an_idle_minute(
 
 KEEPALIVE_TIME_S = 2.0
 KEEPALIVE_TIMEOUT_S = 2.0
-MARGIN_S = 8.0  # the handler's cancellation, the engine abort and the metrics scrape, on 2 loaded cores
+MARGIN_S = 20.0  # the handler's cancellation, the engine abort and the metrics scrape, on 2 loaded cores
 MAX_TOKENS = 2000
 
 _STREAM_CLIENT = """
@@ -263,8 +263,8 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
         # 1. Mid-stream.
         client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
-            assert _read_line(client, 120) == "streaming", d.log()[-3000:]
-            assert d.wait_metric("edgephi_streams_running", 1.0) == 1.0
+            assert _read_line(client, 300) == "streaming", d.log()[-3000:]
+            assert d.wait_metric("edgephi_streams_running", 1.0, timeout=60) == 1.0
             ns.drop_everything_between()
             dropped = time.monotonic()
             # Freeze the engine core at once, so that it cannot finish the request on its own: from here on
@@ -285,7 +285,7 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
         finally:
             client.kill()
             client.communicate(timeout=30)  # reaps it and closes its pipe
-        _wait_serving(ns.server_ip, d, timeout=60)  # the watchdog saw the frozen core: ready again once it runs
+        _wait_serving(ns.server_ip, d, timeout=180)  # the watchdog saw the frozen core: ready again once it runs
 
         # 2. Queued: another client holds the one slot (it reads nothing through a 1 KiB window, so its stream
         # cannot end whatever the engine's speed); the vanished client's request waits and is sent nothing.
@@ -297,7 +297,7 @@ def test_a_vanished_peer_is_dropped_and_its_engine_request_aborted(
             next(holder)
             client = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
             try:
-                assert d.wait_metric("edgephi_streams_queued", 1.0, timeout=60) == 1.0, d.log()[-3000:]
+                assert d.wait_metric("edgephi_streams_queued", 1.0, timeout=180) == 1.0, d.log()[-3000:]
                 ns.drop_everything_between()
                 freed_s, m = _wait_until_freed(d, ("edgephi_streams_queued",), time.monotonic())
                 record_property("queued_drop_to_freed_s", round(freed_s, 2))
