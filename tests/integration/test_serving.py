@@ -415,6 +415,7 @@ def test_metrics_series_are_present_and_move(daemon: Daemon) -> None:
     assert during["edgephi_streams_running"] >= 1, during
     assert during["edgephi_tokens_in_flight"] > 0 and during["edgephi_kv_cache_reserved_ratio"] > 0, during
     assert daemon.wait_metric("edgephi_streams_running", 0.0, timeout=30) == 0.0
+    assert daemon.wait_metric(UNFINISHED, 0.0) == 0.0  # the cancelled request left the engine
     after = daemon.metrics()
     assert after[ok] == before.get(ok, 0.0) + 1
     assert after["edgephi_completion_tokens_total"] >= before["edgephi_completion_tokens_total"] + 8
